@@ -1,0 +1,34 @@
+# styleray: the two commands.
+#   make test   set up .venv (once) and run the test suite
+#   make demo   set up .venv (once) and run the end-to-end demo on a local Ray cluster
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test test-fast demo venv bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU wheel on this machine, never an unpinned CUDA download
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -m "not slow" tests
+
+demo: $(STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/styleray demo $(DEMO_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache
