@@ -106,10 +106,16 @@ class NoiseInjection(nn.Module):
         self.register_buffer("noise_const", torch.randn([resolution, resolution]))
         self.strength = nn.Parameter(torch.zeros([]))
 
-    def forward(self, n: int, device: torch.device, noise_mode: str) -> torch.Tensor | None:
+    def forward(
+        self, n: int, device: torch.device, noise_mode: str, generators: list[torch.Generator] | None = None
+    ) -> torch.Tensor | None:
         if noise_mode == "none":
             return None
-        if noise_mode == "random":
+        if noise_mode == "random" and generators is not None:
+            # One generator per sample: the same seed gets the same noise in any batch.
+            size = [1, self.resolution, self.resolution]
+            noise = torch.stack([torch.randn(size, generator=g, device=g.device) for g in generators]).to(device)
+        elif noise_mode == "random":
             noise = torch.randn([n, 1, self.resolution, self.resolution], device=device)
         elif noise_mode == "const":
             noise = self.noise_const
@@ -139,14 +145,13 @@ class ModulatedConv(nn.Module):
         self.register_buffer("resample_filter", make_fir_filter(), persistent=False)
         self.fused = False  # grouped-conv path; set by Generator.set_fused_modconv
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random", gain: float = 1.0):
+    def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random", generators=None):
         styles = self.affine(w)  # [N, I]
-        noise = self.noise(x.shape[0], x.device, noise_mode)
+        noise = self.noise(x.shape[0], x.device, noise_mode, generators)
         x = modulated_conv2d(
             x, self.weight, styles, noise=noise, up=self.up, fused=self.fused, resample_filter=self.resample_filter
         )
-        clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
-        return bias_act(x, self.bias, "lrelu", gain=LRELU_GAIN * gain, clamp=clamp)
+        return bias_act(x, self.bias, "lrelu", gain=LRELU_GAIN, clamp=self.conv_clamp)
 
 
 class ToRGB(nn.Module):
@@ -201,17 +206,18 @@ class SynthesisBlock(nn.Module):
         img: torch.Tensor | None,  # [N, C, res/2, res/2] running image or None
         ws: torch.Tensor,  # [N, num_conv + num_torgb, w_dim]
         noise_mode: str = "random",
+        generators: list[torch.Generator] | None = None,  # per-sample noise RNGs for noise_mode="random"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = ws.shape[0]
         dtype = _reduced_dtype(self.use_reduced_precision, ws.device, self.precision)
         w_iter: Iterator[torch.Tensor] = iter(ws.unbind(dim=1))
         if self.conv0 is None:
             x = self.const.to(dtype).unsqueeze(0).expand(n, -1, -1, -1)  # [N, O, 4, 4]
-            x = self.conv1(x, next(w_iter), noise_mode)
+            x = self.conv1(x, next(w_iter), noise_mode, generators)
         else:
             x = x.to(dtype)
-            x = self.conv0(x, next(w_iter), noise_mode)
-            x = self.conv1(x, next(w_iter), noise_mode)
+            x = self.conv0(x, next(w_iter), noise_mode, generators)
+            x = self.conv1(x, next(w_iter), noise_mode, generators)
         if img is not None:
             img = upsample2d(img, self.resample_filter)  # [N, C, res, res]
         y = self.torgb(x, next(w_iter)).float()
@@ -244,14 +250,16 @@ class SynthesisNetwork(nn.Module):
             self.num_ws += block.num_conv
         self.num_ws += self.blocks[-1].num_torgb
 
-    def forward(self, ws: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
+    def forward(
+        self, ws: torch.Tensor, noise_mode: str = "random", generators: list[torch.Generator] | None = None
+    ) -> torch.Tensor:
         if ws.ndim != 3 or ws.shape[1:] != (self.num_ws, self.w_dim):
             raise ValueError(f"ws must be [N, {self.num_ws}, {self.w_dim}], got {tuple(ws.shape)}")
         x = img = None
         w_idx = 0
         for block in self.blocks:
             # A block's ToRGB shares its w with the next block's first conv (reference layout).
-            x, img = block(x, img, ws[:, w_idx : w_idx + block.num_conv + block.num_torgb], noise_mode)
+            x, img = block(x, img, ws[:, w_idx : w_idx + block.num_conv + block.num_torgb], noise_mode, generators)
             w_idx += block.num_conv
         return img
 

@@ -1,0 +1,278 @@
+"""The ``styleray`` command. Thin: parse flags, build a config, call one function of a part.
+
+torch and Ray are imported inside the commands that need them, so ``styleray --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+log = logging.getLogger("styleray")
+
+EPILOG = """\
+typical flow:
+  styleray prepare raw/ data/ --resolution 256        # Ray Data: clean, square, white-background PNGs
+  styleray train --data data/ --out runs/r1 --kimg 5000  # train (Ray Train with --workers N)
+  styleray generate --checkpoint runs/r1 --seeds 0-15 --out grid.png
+  styleray serve --checkpoint runs/r1                   # Ray Serve HTTP API + latent explorer page
+  styleray demo                                         # all of the above on the built-in sample data
+"""
+
+
+def _parse_seeds(text: str) -> list[int]:
+    """'0-3,7,10-11' -> [0, 1, 2, 3, 7, 10, 11]."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                seeds.extend(range(lo, hi + 1))
+            elif part:
+                seeds.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected integers and ranges like 0-15,42") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("--seeds is empty")
+    return seeds
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be > 0")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train StyleGAN2-ADA on a prepared dataset",
+        description="Train StyleGAN2-ADA on a prepared dataset (square PNGs + dataset.json). Writes checkpoints, "
+        "metrics.jsonl and sample grids to --out; rerunning with --resume latest continues where it stopped.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", required=True, help="prepared dataset folder (styleray prepare output)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, grids (local or s3://)")
+    p.add_argument("--preset", default="auto", help="auto, stylegan2, paper256, paper512, paper1024, cpu-tiny")
+    p.add_argument("--resolution", type=int, default=None, help="image size; default: the dataset's")
+    p.add_argument("--kimg", type=_positive_float, default=None, help="train until this many thousand images")
+    p.add_argument("--tick", type=_positive_float, default=None, help="progress report interval in kimg")
+    p.add_argument("--snap", type=int, default=None, help="checkpoint + sample grid every this many ticks")
+    p.add_argument("--batch", type=int, default=None, help="total batch size (preset default)")
+    p.add_argument("--workers", type=int, default=1, help="training processes (Ray Train workers; one per GPU)")
+    p.add_argument("--gamma", type=float, default=None, help="R1 regularisation weight (preset default)")
+    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate of G and D (preset default)")
+    p.add_argument("--aug", choices=["ada", "fixed", "noaug"], default="ada", help="augmentation mode")
+    p.add_argument("--augment-p", type=float, default=None, help="initial (ada) or constant (fixed) augment p")
+    p.add_argument("--target", type=float, default=None, help="ADA target for r_t")
+    p.add_argument("--mirror", action="store_true", help="random x-flips of the data")
+    p.add_argument("--cond", action="store_true", help="class-conditional training from dataset.json labels")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--keep", type=int, default=None, help="keep this many latest checkpoints")
+    p.add_argument("--resume", default="latest", help="'latest' (the run's newest checkpoint if any), 'none', or a path")
+    p.add_argument("--device", default=None, help="torch device for single-process training (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+
+def build_run_config(args, data_resolution: int, data_channels: int, num_classes: int):
+    """RunConfig from train flags (shared by train and demo)."""
+    from styleray.config import RunConfig, resolve_preset
+
+    resolution = args.resolution or data_resolution
+    c_dim = num_classes if args.cond else 0
+    if args.cond and num_classes == 0:
+        raise ValueError(f"--cond: {args.data} has no labels in dataset.json (prepare with --clusters K or framing labels)")
+    model, train = resolve_preset(
+        args.preset,
+        resolution=resolution,
+        workers=args.workers,
+        img_channels=data_channels,
+        c_dim=c_dim,
+        train_overrides=dict(
+            batch=args.batch,
+            kimg=args.kimg,
+            tick_kimg=args.tick,
+            snap=args.snap,
+            r1_gamma=args.gamma,
+            lr_g=args.lr,
+            lr_d=args.lr,
+            augment=args.aug,
+            augment_p=args.augment_p,
+            ada_target=args.target,
+            mirror=args.mirror or None,
+            seed=args.seed,
+            keep_checkpoints=args.keep,
+        ),
+    )
+    return RunConfig(model=model, train=train, preset=args.preset, data=args.data, out=args.out, device=args.device or "cpu")
+
+
+def _cmd_train(args) -> int:
+    import torch
+
+    from styleray.datasets.reader import BatchSampler, load_image_folder
+    from styleray.platform.loop import LoopHooks, run_training
+
+    if args.workers != 1:
+        raise ValueError("--workers > 1 needs Ray Train, which this build does not have yet; use --workers 1")
+    data = load_image_folder(args.data, resolution=args.resolution)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run = build_run_config(args, data.resolution, data.channels, data.num_classes)
+    if not args.cond:
+        data.labels, data.num_classes = None, 0
+    sampler = BatchSampler(data, run.train.batch_per_worker, seed=run.train.seed, mirror=run.train.mirror)
+    log.info("training %s at %dpx on %d images -> %s", run.preset, run.model.resolution, len(data.images), run.out)
+    resume = None if args.resume == "none" else args.resume
+    summary = run_training(run, sampler, resume=resume, hooks=LoopHooks(progress=not args.no_progress))
+    print(f"done: {summary['kimg']:.3f} kimg, last checkpoint {summary['checkpoint']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="write images, a grid, or a morph from a checkpoint",
+        description="Sample a trained generator (its EMA weights) from seeds.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--seeds", type=_parse_seeds, default=_parse_seeds("0-15"), help="seeds, e.g. 0-15,42")
+    p.add_argument("--out", required=True, help="a .png (grid), a .gif (morph through the seeds) or a folder (one PNG per seed)")
+    p.add_argument("--truncation", type=float, default=1.0, help="truncation psi (1 = none, 0.7 = safer samples)")
+    p.add_argument("--class", dest="class_idx", type=int, default=None, help="class index for a conditional model")
+    p.add_argument("--noise", choices=["const", "random", "none"], default="const", help="noise mode")
+    p.add_argument("--cols", type=int, default=None, help="grid columns")
+    p.add_argument("--steps", type=int, default=24, help="morph frames between two seeds (.gif output)")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args) -> int:
+    from styleray.models import sampling
+    from styleray.platform.checkpoint import load_generator
+
+    G, ckpt = load_generator(args.checkpoint)
+    out = args.out
+    if out.lower().endswith(".gif"):
+        frames = sampling.morph(G, args.seeds, steps=args.steps, truncation_psi=args.truncation, class_idx=args.class_idx)
+        pil = [sampling.to_pil(f) for f in frames]
+        pil[0].save(out, save_all=True, append_images=pil[1:], duration=40, loop=0)
+    else:
+        imgs = sampling.generate_images(
+            G, args.seeds, truncation_psi=args.truncation, class_idx=args.class_idx, noise_mode=args.noise
+        )
+        if out.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
+            sampling.to_pil(sampling.image_grid(imgs, cols=args.cols)).save(out)
+        else:
+            os.makedirs(out, exist_ok=True)
+            for seed, img in zip(args.seeds, imgs):
+                sampling.to_pil(img).save(os.path.join(out, f"seed{seed:06d}.png"))
+    print(f"wrote {out} from {ckpt.uri} ({ckpt.kimg:.1f} kimg)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="end to end on the built-in sample data",
+        description="Make the built-in cartoon dataset, train the cpu-tiny preset for a few minutes, "
+        "and write a sample grid and a morph GIF to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", default="demo-output", help="where data, run and samples go")
+    p.add_argument("--images", type=int, default=512, help="sample dataset size")
+    p.add_argument("--resolution", type=int, default=32, help="training resolution")
+    p.add_argument("--kimg", type=_positive_float, default=60.0, help="training length in kimg")
+    p.add_argument("--no-wait", action="store_true", help="exit when done instead of serving until Ctrl-C")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from styleray.demo import run_demo
+
+    return run_demo(args)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prepare and serve: owned by the data-preparation and serving work; each registers itself in COMMANDS.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _add_prepare(sub) -> None:
+    pass
+
+
+def _cmd_prepare(args) -> int:
+    raise NotImplementedError
+
+
+def _add_serve(sub) -> None:
+    pass
+
+
+def _cmd_serve(args) -> int:
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+COMMANDS: list[Callable] = [_add_train, _add_generate, _add_demo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="styleray",
+        description="StyleGAN2-ADA on Ray: prepare images, train, sweep, queue, and serve generators.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:
+        parser.exit(2, f"styleray {args.command}: error: {e}\n")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

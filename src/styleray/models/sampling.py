@@ -1,0 +1,224 @@
+"""Sampling from a trained generator: seeds, truncation, interpolation (morphs) and style mixing.
+
+A seed determines its latent on any machine and in any batch: z comes from NumPy's Mersenne Twister (as in
+the reference's generate.py), and with ``noise_mode="random"`` the per-pixel noise comes from a torch
+generator seeded by the same seed, one per sample.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from styleray.models.networks import Generator
+
+NOISE_MODES = ("const", "random", "none")
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed {seed!r} must be an integer in [0, {MAX_SEED}]")
+    return int(seed)
+
+
+def seed_to_z(seed: int, z_dim: int) -> torch.Tensor:
+    """The latent of a seed: [z_dim] float32, identical on every platform."""
+    rs = np.random.RandomState(check_seed(seed))
+    return torch.from_numpy(rs.randn(z_dim)).float()
+
+
+def seeds_to_z(seeds: Sequence[int], z_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.stack([seed_to_z(s, z_dim) for s in seeds]).to(device)  # [N, z_dim]
+
+
+def class_labels(G: Generator, class_idx: int | None, n: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """One-hot labels [n, c_dim] for a conditional generator; None for an unconditional one."""
+    if G.c_dim == 0:
+        if class_idx is not None:
+            raise ValueError("class: this generator is unconditional; omit the class")
+        return None
+    if class_idx is None:
+        raise ValueError(f"class: this generator is conditional; give a class in [0, {G.c_dim - 1}]")
+    if not 0 <= int(class_idx) < G.c_dim:
+        raise ValueError(f"class {class_idx} is out of range [0, {G.c_dim - 1}]")
+    c = torch.zeros([n, G.c_dim], device=device)
+    c[:, int(class_idx)] = 1
+    return c
+
+
+def _noise_generators(seeds: Sequence[int], noise_mode: str, device) -> list[torch.Generator] | None:
+    if noise_mode not in NOISE_MODES:
+        raise ValueError(f"noise mode {noise_mode!r} must be one of {', '.join(NOISE_MODES)}")
+    if noise_mode != "random":
+        return None
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def to_uint8(img: torch.Tensor) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> [N, H, W, C] uint8."""
+    img = (img.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    return img.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def seeds_to_ws(
+    G: Generator,
+    seeds: Sequence[int],
+    truncation_psi: float = 1.0,
+    truncation_cutoff: int | None = None,
+    class_idx: int | None = None,
+) -> torch.Tensor:
+    """The (truncated) w of each seed: [N, num_ws, w_dim]."""
+    device = next(G.parameters()).device
+    z = seeds_to_z(seeds, G.z_dim, device)
+    c = class_labels(G, class_idx, len(seeds), device)
+    return G.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
+
+
+@torch.no_grad()
+def synthesize(
+    G: Generator, ws: torch.Tensor, seeds: Sequence[int] | None = None, noise_mode: str = "const", batch_size: int = 16
+) -> np.ndarray:
+    """Images from ws in chunks of batch_size: [N, H, W, C] uint8. ``seeds`` seed random noise per sample."""
+    device = ws.device
+    if noise_mode not in NOISE_MODES:
+        raise ValueError(f"noise mode {noise_mode!r} must be one of {', '.join(NOISE_MODES)}")
+    if noise_mode == "random" and seeds is None:
+        raise ValueError("noise_mode='random' needs the seeds that seed each sample's noise")
+    out = []
+    for i in range(0, ws.shape[0], batch_size):
+        gens = _noise_generators(seeds[i : i + batch_size], noise_mode, device) if seeds is not None else None
+        img = G.synthesis(ws[i : i + batch_size], noise_mode=noise_mode, generators=gens)
+        out.append(to_uint8(img))
+    return np.concatenate(out) if out else np.zeros([0, G.img_resolution, G.img_resolution, G.img_channels], np.uint8)
+
+
+def generate_images(
+    G: Generator,
+    seeds: Sequence[int],
+    truncation_psi: float = 1.0,
+    truncation_cutoff: int | None = None,
+    class_idx: int | None = None,
+    noise_mode: str = "const",
+    batch_size: int = 16,
+) -> np.ndarray:
+    """One image per seed: [N, H, W, C] uint8; the same seed gives the same image in any batch."""
+    ws = seeds_to_ws(G, seeds, truncation_psi, truncation_cutoff, class_idx)
+    return synthesize(G, ws, seeds, noise_mode, batch_size)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation of vectors along the last dim; exact endpoints at t = 0 and t = 1."""
+    if t == 0:
+        return a.clone()
+    if t == 1:
+        return b.clone()
+    an = a / a.norm(dim=-1, keepdim=True)
+    bn = b / b.norm(dim=-1, keepdim=True)
+    omega = torch.acos((an * bn).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))
+    so = torch.sin(omega)
+    return (torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b
+
+
+def morph_schedule(num_seeds: int, steps: int, loop: bool = False) -> list[tuple[int, int, float]]:
+    """(from_index, to_index, t) per frame: `steps` frames per segment, plus the final endpoint unless looping."""
+    if num_seeds < 2:
+        raise ValueError("a morph needs at least two seeds")
+    if steps < 1:
+        raise ValueError(f"steps {steps} must be >= 1")
+    segments = num_seeds if loop else num_seeds - 1
+    frames = [(i, (i + 1) % num_seeds, k / steps) for i in range(segments) for k in range(steps)]
+    if not loop:
+        frames.append((num_seeds - 2, num_seeds - 1, 1.0))
+    return frames
+
+
+@torch.no_grad()
+def morph(
+    G: Generator,
+    seeds: Sequence[int],
+    steps: int = 30,
+    space: str = "w",
+    loop: bool = False,
+    truncation_psi: float = 1.0,
+    class_idx: int | None = None,
+    noise_mode: str = "const",
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Frames morphing through the seeds: linear in W, spherical in Z. [F, H, W, C] uint8.
+
+    Frame count is ``(len(seeds) - 1) * steps + 1`` (``len(seeds) * steps`` when looping); the first and last
+    frames are exactly the samples of the first and last seeds.
+    """
+    if space not in ("w", "z"):
+        raise ValueError(f"space {space!r} must be 'w' or 'z'")
+    if noise_mode == "random":
+        raise ValueError("morphs use noise_mode const or none (random noise would flicker between frames)")
+    schedule = morph_schedule(len(seeds), steps, loop)
+    device = next(G.parameters()).device
+    if space == "w":
+        ws = seeds_to_ws(G, seeds, truncation_psi, class_idx=class_idx)  # [S, num_ws, w_dim]
+        frames_ws = torch.stack([ws[i].lerp(ws[j], t) if t not in (0.0, 1.0) else ws[i if t == 0 else j] for i, j, t in schedule])
+    else:
+        z = seeds_to_z(seeds, G.z_dim, device)
+        zs = torch.stack([slerp(z[i], z[j], t) for i, j, t in schedule])
+        c = class_labels(G, class_idx, len(schedule), device)
+        frames_ws = G.mapping(zs, c, truncation_psi=truncation_psi)
+    return synthesize(G, frames_ws, None, noise_mode, batch_size)
+
+
+@torch.no_grad()
+def style_mix(
+    G: Generator,
+    row_seeds: Sequence[int],
+    col_seeds: Sequence[int],
+    layers: Sequence[int] | None = None,
+    truncation_psi: float = 1.0,
+    class_idx: int | None = None,
+    noise_mode: str = "const",
+) -> np.ndarray:
+    """Style mixing grid [rows + 1, cols + 1, H, W, C] uint8.
+
+    Cell (0, 0) is white; row 0 holds the column seeds' images, column 0 the row seeds'; cell (r, c) takes
+    the row seed's w everywhere except ``layers`` (default: the coarse layers 0-5), which come from the
+    column seed.
+    """
+    layers = list(range(min(6, G.num_ws))) if layers is None else [int(i) for i in layers]
+    bad = [i for i in layers if not 0 <= i < G.num_ws]
+    if bad:
+        raise ValueError(f"layers {bad} out of range [0, {G.num_ws - 1}]")
+    all_seeds = list(row_seeds) + list(col_seeds)
+    ws = seeds_to_ws(G, all_seeds, truncation_psi, class_idx=class_idx)
+    row_ws, col_ws = ws[: len(row_seeds)], ws[len(row_seeds) :]
+    mixed = row_ws[:, None].repeat(1, len(col_seeds), 1, 1)  # [R, C, num_ws, w_dim]
+    mixed[:, :, layers] = col_ws[None][:, :, layers]
+    singles = synthesize(G, ws, noise_mode=noise_mode)
+    cells = synthesize(G, mixed.flatten(0, 1), noise_mode=noise_mode)
+    h, w, ch = singles.shape[1:]
+    grid = np.full([len(row_seeds) + 1, len(col_seeds) + 1, h, w, ch], 255, np.uint8)
+    grid[0, 1:] = singles[len(row_seeds) :]
+    grid[1:, 0] = singles[: len(row_seeds)]
+    grid[1:, 1:] = cells.reshape(len(row_seeds), len(col_seeds), h, w, ch)
+    return grid
+
+
+def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 0, pad_value: int = 255) -> np.ndarray:
+    """Tile [N, H, W, C] uint8 images into one [rows*H, cols*W, C] array (row-major)."""
+    n, h, w, c = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    out = np.full([rows * (h + pad) - pad, cols * (w + pad) - pad, c], pad_value, np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        out[r * (h + pad) : r * (h + pad) + h, k * (w + pad) : k * (w + pad) + w] = images[i]
+    return out
+
+
+def to_pil(array: np.ndarray):
+    """uint8 [H, W, C] (C = 1 or 3) -> PIL image."""
+    from PIL import Image
+
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
