@@ -16,6 +16,31 @@ from styleray.models.networks import Generator
 
 NOISE_MODES = ("const", "random", "none")
 MAX_SEED = 2**32 - 1
+CHUNK = 8  # networks always run on exactly this many rows (padded), see _chunked
+
+
+def _chunked(fn, x: torch.Tensor, chunk: int = CHUNK, extra: Sequence | None = None) -> torch.Tensor:
+    """fn over x in chunks of exactly `chunk` rows, padding the last one with copies of its first row.
+
+    Matrix-multiply and convolution kernels pick their algorithm (and so their rounding) by batch size, so
+    a sample computed alone and in a batch of 5 can differ in the last bit and, once quantised to uint8, by
+    one level. Running every chunk at the same size makes each sample's result independent of what else is
+    in the batch: the same seed gives the same bytes whether a request was batched or not.
+    ``extra`` is split alongside x (one item per row) and passed to fn as its second argument.
+    """
+    outs = []
+    for i in range(0, x.shape[0], chunk):
+        part = x[i : i + chunk]
+        n = part.shape[0]
+        if n < chunk:
+            part = torch.cat([part, part[:1].expand(chunk - n, *part.shape[1:])])
+        items = None
+        if extra is not None:
+            items = list(extra[i : i + chunk])
+            items += [items[0]] * (chunk - n)
+        out = fn(part, items) if extra is not None else fn(part)
+        outs.append(out[:n])
+    return torch.cat(outs)
 
 
 def check_seed(seed: int) -> int:
@@ -75,25 +100,40 @@ def seeds_to_ws(
     device = next(G.parameters()).device
     z = seeds_to_z(seeds, G.z_dim, device)
     c = class_labels(G, class_idx, len(seeds), device)
-    return G.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
+    return _mapping(G, z, c, truncation_psi, truncation_cutoff)
+
+
+def _mapping(G: Generator, z: torch.Tensor, c: torch.Tensor | None, psi: float = 1.0, cutoff: int | None = None):
+    """G.mapping in fixed-size chunks (batch-invariant, see _chunked); c must be constant over rows."""
+    c_row = c[:1] if c is not None else None
+    return _chunked(
+        lambda zz: G.mapping(zz, c_row.expand(zz.shape[0], -1) if c_row is not None else None, psi, cutoff), z
+    )
 
 
 @torch.no_grad()
 def synthesize(
-    G: Generator, ws: torch.Tensor, seeds: Sequence[int] | None = None, noise_mode: str = "const", batch_size: int = 16
+    G: Generator, ws: torch.Tensor, seeds: Sequence[int] | None = None, noise_mode: str = "const", batch_size: int = CHUNK
 ) -> np.ndarray:
-    """Images from ws in chunks of batch_size: [N, H, W, C] uint8. ``seeds`` seed random noise per sample."""
+    """Images from ws: [N, H, W, C] uint8. ``seeds`` seed random noise per sample.
+
+    ``batch_size`` is the fixed chunk the network runs on; results are identical for any batch composition
+    at the same chunk size (keep the default for reproducible bytes across callers).
+    """
     device = ws.device
     if noise_mode not in NOISE_MODES:
         raise ValueError(f"noise mode {noise_mode!r} must be one of {', '.join(NOISE_MODES)}")
     if noise_mode == "random" and seeds is None:
         raise ValueError("noise_mode='random' needs the seeds that seed each sample's noise")
-    out = []
-    for i in range(0, ws.shape[0], batch_size):
-        gens = _noise_generators(seeds[i : i + batch_size], noise_mode, device) if seeds is not None else None
-        img = G.synthesis(ws[i : i + batch_size], noise_mode=noise_mode, generators=gens)
-        out.append(to_uint8(img))
-    return np.concatenate(out) if out else np.zeros([0, G.img_resolution, G.img_resolution, G.img_channels], np.uint8)
+    if ws.shape[0] == 0:
+        return np.zeros([0, G.img_resolution, G.img_resolution, G.img_channels], np.uint8)
+
+    def run(chunk_ws, chunk_seeds=None):
+        gens = _noise_generators(chunk_seeds, noise_mode, device) if chunk_seeds is not None else None
+        return G.synthesis(chunk_ws, noise_mode=noise_mode, generators=gens)
+
+    img = _chunked(run, ws, batch_size, extra=list(seeds) if seeds is not None else None)
+    return to_uint8(img)
 
 
 def generate_images(
@@ -103,7 +143,7 @@ def generate_images(
     truncation_cutoff: int | None = None,
     class_idx: int | None = None,
     noise_mode: str = "const",
-    batch_size: int = 16,
+    batch_size: int = CHUNK,
 ) -> np.ndarray:
     """One image per seed: [N, H, W, C] uint8; the same seed gives the same image in any batch."""
     ws = seeds_to_ws(G, seeds, truncation_psi, truncation_cutoff, class_idx)
@@ -111,16 +151,17 @@ def generate_images(
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    """Spherical interpolation of vectors along the last dim; exact endpoints at t = 0 and t = 1."""
+    """Spherical interpolation along the last dim (direction on the sphere, length linear); exact endpoints."""
     if t == 0:
         return a.clone()
     if t == 1:
         return b.clone()
-    an = a / a.norm(dim=-1, keepdim=True)
-    bn = b / b.norm(dim=-1, keepdim=True)
+    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    an, bn = a / na, b / nb
     omega = torch.acos((an * bn).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))
     so = torch.sin(omega)
-    return (torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b
+    direction = (torch.sin((1 - t) * omega) / so) * an + (torch.sin(t * omega) / so) * bn
+    return direction * torch.lerp(na, nb, t)  # the angle moves uniformly, the length linearly
 
 
 def morph_schedule(num_seeds: int, steps: int, loop: bool = False) -> list[tuple[int, int, float]]:
@@ -146,7 +187,7 @@ def morph(
     truncation_psi: float = 1.0,
     class_idx: int | None = None,
     noise_mode: str = "const",
-    batch_size: int = 16,
+    batch_size: int = CHUNK,
 ) -> np.ndarray:
     """Frames morphing through the seeds: linear in W, spherical in Z. [F, H, W, C] uint8.
 
@@ -166,7 +207,7 @@ def morph(
         z = seeds_to_z(seeds, G.z_dim, device)
         zs = torch.stack([slerp(z[i], z[j], t) for i, j, t in schedule])
         c = class_labels(G, class_idx, len(schedule), device)
-        frames_ws = G.mapping(zs, c, truncation_psi=truncation_psi)
+        frames_ws = _mapping(G, zs, c, truncation_psi)
     return synthesize(G, frames_ws, None, noise_mode, batch_size)
 
 

@@ -5,7 +5,8 @@
                       tensors and plain containers only; loaded with weights_only=True, no pickled code)
         config.json   the resolved RunConfig
         grid.png      samples of G_ema at fixed seeds (optional)
-        meta.json     written last: kimg, tick, metrics, and the SHA-256 of state.pt
+        meta.json     written last: kimg, tick, metrics, stable, and the SHA-256 of state.pt
+    RUN/best.json                           which checkpoint is the best stable one (pruning keeps it)
 
 A checkpoint counts only when meta.json exists and the hash of state.pt matches it. Locally the folder is
 written under a temporary name and renamed; on object stores meta.json is the commit marker. A crash
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
+BEST_FILE = "best.json"
 _NAME = re.compile(r"^ckpt-(\d{12})$")
 
 
@@ -160,6 +162,42 @@ def resolve(path: str, map_location: str | torch.device = "cpu") -> Checkpoint:
             raise CheckpointError(f"{path}: no loadable checkpoint under {checkpoints_dir(path)}")
         return ckpt
     raise CheckpointError(f"{path}: neither a checkpoint folder (meta.json) nor a run folder (checkpoints/)")
+
+
+def load_preferred(uri: str, run_dir: str, map_location: str | torch.device = "cpu") -> Checkpoint | None:
+    """Checkpoint ``uri`` (e.g. the one Ray Train last registered) or, if it is corrupt or gone, the newest
+    loadable one older than it, with a warning. None if there is none."""
+    try:
+        return load_checkpoint(uri, map_location)
+    except CheckpointError as e:
+        log.warning("skipping checkpoint: %s; falling back to an older one", e)
+    return load_latest(run_dir, map_location, before=uri.rstrip("/").rsplit("/", 1)[-1])
+
+
+def discard_newer(run_dir: str, name: str) -> list[str]:
+    """Delete the checkpoints newer than ``name`` (after a rollback they describe a discarded future, and
+    a restart must not resume from them); returns the deleted URIs."""
+    deleted = []
+    for uri in list_checkpoints(run_dir):
+        if uri.rstrip("/").rsplit("/", 1)[-1] > name:
+            storage.remove(uri)
+            deleted.append(uri)
+    return deleted
+
+
+def read_best(run_dir: str) -> dict[str, Any] | None:
+    """The run's best.json ({"checkpoint": name, "uri", "kimg", "tick", "criterion", "value"}), or None."""
+    try:
+        return json.loads(storage.read_bytes(storage.join(run_dir, BEST_FILE)))
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        log.warning("ignoring unreadable %s: %s", storage.join(run_dir, BEST_FILE), e)
+        return None
+
+
+def write_best(run_dir: str, best: dict[str, Any]) -> None:
+    storage.write_bytes(storage.join(run_dir, BEST_FILE), json.dumps(best, indent=2, sort_keys=True).encode())
 
 
 def prune(run_dir: str, keep: int, protect: set[str] | frozenset[str] = frozenset()) -> list[str]:

@@ -1,12 +1,16 @@
-"""The training loop around the StyleGAN2-ADA step: ticks, metrics, snapshots, resume.
+"""The training loop around the StyleGAN2-ADA step: ticks, metrics, snapshots, resume, rollback.
 
-Shared by the single-process ``styleray train`` and the Ray Train worker function: it reads as a table of
-contents (build -> restore -> ticks -> report/checkpoint) and takes its batches and its reporting as
-arguments, so it never imports Ray itself.
+Shared by the single-process ``styleray train --no-ray`` and the Ray Train worker function: it reads as a
+table of contents (build -> restore -> ticks -> report/checkpoint) and takes its batches and its reporting as
+arguments, so it never imports Ray itself. Inside a torch process group every rank runs it: tick statistics
+are averaged over the ranks (so every rank judges stability the same way), snapshots gather every rank's
+state and check that the replicas still hold identical weights, and only the chief writes files.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -17,12 +21,14 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from styleray.config import RunConfig
 from styleray.models import sampling
 from styleray.models.training import StyleGAN2Trainer
 from styleray.platform import checkpoint as ckpt_lib
 from styleray.platform import storage
+from styleray.platform.stability import StabilityMonitor, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +95,71 @@ def peak_memory_mb(device: torch.device) -> float:
 class LoopHooks:
     """What differs between a single process and a Ray Train worker."""
 
-    is_chief: bool = True  # writes checkpoints, metrics and grids
+    is_chief: bool = True  # writes checkpoints, metrics, best.json and grids
     report: Callable[[dict[str, Any], str | None], None] | None = None  # (tick record, checkpoint uri or None)
     progress: bool = True  # show a progress bar (chief only)
 
 
-def restore(trainer: StyleGAN2Trainer, sampler, run_dir: str, resume: str | None) -> ckpt_lib.Checkpoint | None:
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def mean_over_ranks(means: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average tick statistics over the process group (identical keys on every rank: phases are in step)."""
+    _, world = _world()
+    if world == 1 or not means:
+        return means
+    keys = sorted(means)
+    t = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / world).tolist()))
+
+
+def replica_digests(state: dict[str, Any]) -> list[str]:
+    """SHA-256 of this rank's G, D and G_ema weights, gathered from every rank (collective)."""
+    h = hashlib.sha256()
+    for net in ("G", "D", "G_ema"):
+        for name, tensor in sorted(state[net].items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest = h.hexdigest()[:16]
+    _, world = _world()
+    if world == 1:
+        return [digest]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, digest)
+    return gathered
+
+
+def _check_model_matches(ck: ckpt_lib.Checkpoint, trainer: StyleGAN2Trainer) -> None:
+    saved, ours = ck.state.get("model_cfg") or {}, dataclasses.asdict(trainer.model_cfg)
+    diff = {k: (saved.get(k), v) for k, v in ours.items() if k in saved and saved[k] != v}
+    if diff:
+        listed = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ValueError(
+            f"--resume {ck.uri}: the checkpoint's model differs from this run's ({listed}); "
+            "resume with the same --preset/--resolution/--cond, or train into a new --out"
+        )
+
+
+def restore(
+    trainer: StyleGAN2Trainer, sampler, run_dir: str, resume: "str | ckpt_lib.Checkpoint | None"
+) -> ckpt_lib.Checkpoint | None:
     """Restore trainer (and sampler) from ``resume``: "latest" (the run's newest good checkpoint, or none),
-    a checkpoint/run path, or None (fresh start)."""
+    a checkpoint/run path, an already loaded checkpoint, or None (fresh start)."""
     if resume is None:
         return None
-    if resume == "latest":
+    if isinstance(resume, ckpt_lib.Checkpoint):
+        ck = resume
+    elif resume == "latest":
         ck = ckpt_lib.load_latest(run_dir)
         if ck is None:
             return None
     else:
         ck = ckpt_lib.resolve(resume)
+    _check_model_matches(ck, trainer)
     trainer.load_state_dict(ck.state)
     if sampler is not None and ck.state.get("sampler") is not None and hasattr(sampler, "load_state_dict"):
         try:
@@ -115,97 +170,223 @@ def restore(trainer: StyleGAN2Trainer, sampler, run_dir: str, resume: str | None
     return ck
 
 
+class TrainingRun:
+    """One process's share of a run: the trainer plus the bookkeeping around ticks, snapshots and rollbacks."""
+
+    def __init__(self, run: RunConfig, batches: BatchSource, hooks: LoopHooks, trainer: StyleGAN2Trainer | None):
+        if run.out is None:
+            raise ValueError("--out is required: the run folder for checkpoints and metrics")
+        self.run, self.cfg, self.batches, self.hooks = run, run.train, batches, hooks
+        self.run_dir = run.out
+        self.device = torch.device(run.device)
+        self.rank, _ = _world()
+        self.trainer = trainer or StyleGAN2Trainer(run.model, run.train, self.device)
+        self.monitor = StabilityMonitor.from_config(run.train)
+        self.tick = 0
+        self.rollbacks = 0
+        self.last_good: str | None = None  # name of the newest checkpoint taken while training was stable
+        self.last_ckpt: str | None = None
+        self.resumed_kimg = 0.0
+        self.best = ckpt_lib.read_best(self.run_dir) if hooks.is_chief else None
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(self, resume) -> None:
+        ck = restore(self.trainer, self.batches, self.run_dir, resume)
+        if ck is None:
+            return
+        self.tick = int(ck.meta.get("tick", 0))
+        self.rollbacks = int(ck.meta.get("rollbacks", 0))
+        self.last_good = ck.name if ck.meta.get("stable", True) else ck.meta.get("last_good")
+        self.last_ckpt = ck.uri
+        self.resumed_kimg = self.trainer.kimg
+
+    # ------------------------------------------------------------------ ticks
+
+    def tick_record(self, means: dict[str, float], nimg: int, elapsed: float) -> dict[str, Any]:
+        return {
+            "tick": self.tick,
+            "kimg": self.trainer.kimg,
+            "sec_per_kimg": elapsed / max(nimg / 1000, 1e-9),
+            "img_per_sec": nimg / max(elapsed, 1e-9),
+            "time": time.time(),
+            "memory_mb": peak_memory_mb(self.device),
+            "resumed_kimg": self.resumed_kimg,
+            "rollbacks": self.rollbacks,
+            **means,
+        }
+
+    def publish(self, record: dict[str, Any], uri: str | None) -> None:
+        """metrics.jsonl (chief) and the report hook (every rank: ray.train.report is a barrier)."""
+        if self.hooks.is_chief:
+            storage.append_text(storage.join(self.run_dir, "metrics.jsonl"), json.dumps(record) + "\n")
+        if self.hooks.report is not None:
+            self.hooks.report(record, uri)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot(self, record: dict[str, Any]) -> str | None:
+        state = self.trainer.state_dict()  # collective in a process group: every rank calls it
+        replicas = replica_digests(state)  # collective too
+        if len(set(replicas)) != 1:
+            raise RuntimeError(f"replicas hold different weights at tick {self.tick}: {replicas}")
+        stable = self.monitor.stable
+        name = ckpt_lib.checkpoint_name(self.trainer.cur_nimg)
+        if stable:
+            self.last_good = name
+        if hasattr(self.batches, "state_dict"):
+            state["sampler"] = json.dumps(self.batches.state_dict())
+        if not self.hooks.is_chief:
+            return None
+        meta = {
+            "cur_nimg": self.trainer.cur_nimg,
+            "kimg": self.trainer.kimg,
+            "tick": self.tick,
+            "metrics": record,
+            "stable": stable,
+            "last_good": self.last_good,
+            "rollbacks": self.rollbacks,
+            "replicas": replicas,
+        }
+        uri = ckpt_lib.save_checkpoint(
+            self.run_dir, state, config=self.run.to_dict(), meta=meta, grid_png=sample_grid_png(self.trainer)
+        )
+        if stable:
+            self._update_best(name, uri, record)
+        protect = {n for n in (self.last_good, (self.best or {}).get("checkpoint")) if n}
+        ckpt_lib.prune(self.run_dir, self.cfg.keep_checkpoints, protect=protect)
+        return uri
+
+    def _update_best(self, name: str, uri: str, record: dict[str, Any]) -> None:
+        """best.json: the stable checkpoint with the lowest FID when ticks carry one, else the newest stable."""
+        fid = record.get("fid")
+        if fid is not None and self.best and self.best.get("criterion") == "fid" and self.best["value"] <= fid:
+            return
+        self.best = {
+            "checkpoint": name,
+            "uri": uri,
+            "kimg": self.trainer.kimg,
+            "tick": self.tick,
+            "criterion": "fid" if fid is not None else "newest-stable",
+            "value": fid,
+        }
+        ckpt_lib.write_best(self.run_dir, self.best)
+
+    # ------------------------------------------------------------------ rollback
+
+    def rollback(self, reason: str) -> None:
+        """Return every rank to the last stable checkpoint (or to a fresh start), reseeded so the same
+        trajectory is not replayed; TrainingDiverged once --max-rollbacks is spent."""
+        self.rollbacks += 1
+        if self.rollbacks > self.cfg.max_rollbacks:
+            raise TrainingDiverged(
+                f"training became unstable ({reason}) and --max-rollbacks {self.cfg.max_rollbacks} is spent; "
+                f"the last stable checkpoint is {self.last_good or 'none'} (see best.json). "
+                "Try a lower --lr or a higher --gamma, then --resume from it"
+            )
+        target = storage.join(ckpt_lib.checkpoints_dir(self.run_dir), self.last_good) if self.last_good else None
+        ck = ckpt_lib.load_preferred(target, self.run_dir) if target else None
+        if ck is not None:
+            self.trainer.load_state_dict(ck.state)
+            self.tick, self.last_good, self.last_ckpt = int(ck.meta.get("tick", 0)), ck.name, ck.uri
+        else:
+            self.trainer = StyleGAN2Trainer(self.run.model, self.cfg, self.device)
+            self.tick, self.last_good, self.last_ckpt = 0, None, None
+        self.trainer.seed_everything(self.cfg.seed * 1000 + self.rank + 7919 * self.rollbacks)
+        self.monitor.reset()
+        if self.hooks.is_chief:
+            keep = ck.name if ck is not None else ""
+            for uri in ckpt_lib.discard_newer(self.run_dir, keep):
+                log.warning("discarded %s (taken after the last stable checkpoint)", uri)
+            if self.best and self.best["checkpoint"] > keep:
+                self.best = None
+                storage.remove(storage.join(self.run_dir, ckpt_lib.BEST_FILE))
+        log.warning(
+            "unstable (%s): rolled back to %s at %.3f kimg (rollback %d of at most %d)",
+            reason, ck.uri if ck else "a fresh start", self.trainer.kimg, self.rollbacks, self.cfg.max_rollbacks,
+        )
+
+
 def run_training(
     run: RunConfig,
     batches: BatchSource,
     *,
-    resume: str | None = "latest",
+    resume: "str | ckpt_lib.Checkpoint | None" = "latest",
     hooks: LoopHooks | None = None,
     trainer: StyleGAN2Trainer | None = None,
 ) -> dict[str, Any]:
-    """Train until ``run.train.kimg``; returns a summary (final kimg, last checkpoint, last tick record).
+    """Train until ``run.train.kimg``; returns a summary (final kimg, last checkpoint, last tick record, ...).
 
     ``resume="latest"`` continues from the newest good checkpoint in ``run.out`` if there is one, so a
-    restarted worker trains only the remaining kimg.
+    restarted worker trains only the remaining kimg. Raises TrainingDiverged when instability outlasts
+    ``--max-rollbacks``.
     """
     hooks = hooks or LoopHooks()
     cfg = run.train
-    device = torch.device(run.device)
-    run_dir = run.out
-    if run_dir is None:
-        raise ValueError("--out is required: the run folder for checkpoints and metrics")
-    trainer = trainer or StyleGAN2Trainer(run.model, cfg, device)
-    restored = restore(trainer, batches, run_dir, resume)
+    tr = TrainingRun(run, batches, hooks, trainer)
+    tr.restore(resume)
     target_nimg = int(round(cfg.kimg * 1000))
     tick_nimg = max(int(round(cfg.tick_kimg * 1000)), 1)
-    tick = int(restored.meta.get("tick", 0)) if restored else 0
-    last_ckpt = restored.uri if restored else None
     record: dict[str, Any] = {}
+    started_at, first_step_at = time.time(), None
 
     if hooks.is_chief:
-        storage.write_bytes(storage.join(run_dir, "config.json"), run.to_json().encode())
-
+        storage.write_bytes(storage.join(tr.run_dir, "config.json"), run.to_json().encode())
     bar = None
     if hooks.is_chief and hooks.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=round(cfg.kimg, 3), initial=round(trainer.kimg, 3), unit="kimg", dynamic_ncols=True)
+        bar = tqdm(total=round(cfg.kimg, 3), initial=round(tr.trainer.kimg, 3), unit="kimg", dynamic_ncols=True)
 
-    def snapshot(record: dict[str, Any]) -> str | None:
-        state = trainer.state_dict()  # collective in a process group: every rank calls it
-        if hasattr(batches, "state_dict"):
-            state["sampler"] = json.dumps(batches.state_dict())
-        if not hooks.is_chief:
-            return None
-        uri = ckpt_lib.save_checkpoint(
-            run_dir,
-            state,
-            config=run.to_dict(),
-            meta={"cur_nimg": trainer.cur_nimg, "kimg": trainer.kimg, "tick": tick, "metrics": record},
-            grid_png=sample_grid_png(trainer),
-        )
-        ckpt_lib.prune(run_dir, cfg.keep_checkpoints)
-        return uri
-
-    tick_start_nimg, tick_start_time = trainer.cur_nimg, time.time()
+    tick_start_nimg, tick_start_time = tr.trainer.cur_nimg, time.time()
     stats = TickStats()
-    while trainer.cur_nimg < target_nimg:
+    while tr.trainer.cur_nimg < target_nimg:
         images, labels = batches.next()
-        real = to_tensor(images, device)
-        c = torch.from_numpy(labels).to(device) if labels is not None else None
-        stats.add(trainer.step(real, c))
-        done = trainer.cur_nimg >= target_nimg
-        if trainer.cur_nimg - tick_start_nimg < tick_nimg and not done:
+        real = to_tensor(images, tr.device)
+        c = torch.from_numpy(labels).to(tr.device) if labels is not None else None
+        stats.add(tr.trainer.step(real, c))
+        first_step_at = first_step_at or time.time()
+        done = tr.trainer.cur_nimg >= target_nimg
+        if tr.trainer.cur_nimg - tick_start_nimg < tick_nimg and not done:
             continue
-        tick += 1
-        elapsed = time.time() - tick_start_time
-        nimg = trainer.cur_nimg - tick_start_nimg
-        record = {
-            "tick": tick,
-            "kimg": trainer.kimg,
-            "sec_per_kimg": elapsed / max(nimg / 1000, 1e-9),
-            "img_per_sec": nimg / max(elapsed, 1e-9),
-            "time": time.time(),
-            "memory_mb": peak_memory_mb(device),
-            **stats.means(),
-        }
-        uri = snapshot(record) if (tick % cfg.snap == 0 or done) else None
-        last_ckpt = uri or last_ckpt
-        if hooks.is_chief:
-            storage.append_text(storage.join(run_dir, "metrics.jsonl"), json.dumps(record) + "\n")
-            if bar is not None:
-                bar.update(round(min(trainer.kimg, cfg.kimg) - bar.n, 3))
-                bar.set_postfix(
-                    G=f"{record.get('loss_G', float('nan')):.3f}",
-                    D=f"{record.get('loss_D', float('nan')):.3f}",
-                    p=f"{trainer.augment_p:.3f}",
-                    s_kimg=f"{record['sec_per_kimg']:.1f}",
-                )
-        if hooks.report is not None:
-            hooks.report(record, uri)
+        tr.tick += 1
+        means = mean_over_ranks(stats.means(), tr.device)
+        record = tr.tick_record(means, tr.trainer.cur_nimg - tick_start_nimg, time.time() - tick_start_time)
+        verdict = tr.monitor.observe(means)
+        uri = None
+        if verdict.unstable:
+            record.update(unstable=True, unstable_reason=verdict.reason)
+        if verdict.rollback:
+            record["rollback_to"] = tr.last_good
+            tr.publish(record, None)
+            tr.rollback(verdict.reason or "unstable")
+        else:
+            if tr.tick % cfg.snap == 0 or done:
+                uri = tr.snapshot(record)
+            tr.last_ckpt = uri or tr.last_ckpt
+            tr.publish(record, uri)
+        if bar is not None:
+            bar.n = round(min(tr.trainer.kimg, cfg.kimg), 3)
+            bar.set_postfix(
+                G=f"{record.get('loss_G', float('nan')):.3f}",
+                D=f"{record.get('loss_D', float('nan')):.3f}",
+                p=f"{tr.trainer.augment_p:.3f}",
+                s_kimg=f"{record['sec_per_kimg']:.1f}",
+            )
+            bar.refresh()
         stats = TickStats()
-        tick_start_nimg, tick_start_time = trainer.cur_nimg, time.time()
+        tick_start_nimg, tick_start_time = tr.trainer.cur_nimg, time.time()
 
     if bar is not None:
         bar.close()
-    return {"kimg": trainer.kimg, "checkpoint": last_ckpt, "last": record, "trainer": trainer}
+    return {
+        "kimg": tr.trainer.kimg,
+        "checkpoint": tr.last_ckpt,
+        "last": record,
+        "trainer": tr.trainer,
+        "resumed_kimg": tr.resumed_kimg,
+        "rollbacks": tr.rollbacks,
+        "best": tr.best,
+        "started_at": started_at,
+        "first_step_at": first_step_at,
+    }
