@@ -240,8 +240,86 @@ def _cmd_serve(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------------------
 
-COMMANDS: list[Callable] = [_add_train, _add_generate, _add_demo]
+
+def _add_metrics(sub) -> None:
+    p = sub.add_parser(
+        "metrics",
+        help="FID/KID of a checkpoint against a dataset",
+        description="Generate --num-gen images from a checkpoint's EMA generator (seeds 0..N-1, truncation 1) and "
+        "compare their Inception features with the dataset's: FID, KID, and the diversity ratio (mean pairwise "
+        "feature distance, generated / data; well below 1 suggests mode collapse). The dataset's statistics are "
+        "cached in DATA/.styleray-stats/. Prints one JSON object.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--data", required=True, help="prepared dataset folder at the generator's resolution")
+    p.add_argument("--metrics", default="fid,kid", help="comma-separated: fid, kid")
+    p.add_argument("--num-gen", type=int, default=50_000, help="generated images (the papers' FID uses 50000)")
+    p.add_argument("--inception", default=None, metavar="PATH",
+                   help="pt_inception-2015-12-05-6726825d.pth (default: $STYLERAY_INCEPTION, then ~/.cache/styleray/)")
+    p.add_argument("--extractor", default="inception-v3", help="registered feature extractor")
+    p.add_argument("--batch", type=int, default=32, help="images per generator/extractor call")
+    p.add_argument("--kid-subsets", type=int, default=100, help="KID subset pairs")
+    p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size")
+    p.add_argument("--no-cache", action="store_true", help="recompute the dataset statistics (and do not cache them)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the result to this file")
+    p.set_defaults(func=_cmd_metrics)
+
+
+def _cmd_metrics(args) -> int:
+    import json
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from styleray.datasets.reader import list_image_files, load_image_folder, read_labels
+    from styleray.models import metrics
+    from styleray.platform.checkpoint import load_generator
+
+    names = metrics.parse_metrics(args.metrics)
+    if args.num_gen < 2:
+        raise ValueError(f"--num-gen {args.num_gen} must be >= 2")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    extractor = metrics.build_extractor(args.extractor, args.inception, device)  # fails fast without weights
+    G, ckpt = load_generator(args.checkpoint, device)
+    if not os.path.isdir(args.data) or not (files := list_image_files(args.data)):
+        raise ValueError(f"--data {args.data} is not a folder of images (run `styleray prepare` first)")
+    res, ch = G.img_resolution, G.img_channels
+    with Image.open(os.path.join(args.data, files[0])) as im:
+        if im.size != (res, res):
+            raise ValueError(
+                f"--data {args.data} holds {im.width}x{im.height} images but {ckpt.uri} generates {res}x{res}; "
+                f"metrics compare at the generator's resolution: prepare the data with --resolution {res}"
+            )
+    real = metrics.dataset_stats(
+        args.data, extractor, files=files, resolution=res, channels=ch, cache=not args.no_cache, batch_size=args.batch,
+        load_images=lambda: load_image_folder(args.data, resolution=res, use_labels=False, channels=ch).images,
+    )
+    labels = None
+    if G.c_dim > 0:
+        label_map, _ = read_labels(args.data)
+        labels = np.array([label_map[f] for f in files if f in label_map]) if label_map else None
+    result = metrics.evaluate_generator(
+        G, real, extractor, metrics=names, num_gen=args.num_gen, labels=labels, batch_size=args.batch,
+        kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, device=device,
+    )
+    result.update(checkpoint=ckpt.uri, kimg=ckpt.kimg, data=os.path.abspath(args.data))
+    text = json.dumps(result, sort_keys=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+COMMANDS: list[Callable] = [_add_train, _add_generate, _add_demo, _add_metrics]
 
 
 def build_parser() -> argparse.ArgumentParser:
