@@ -224,11 +224,67 @@ def _cmd_demo(args) -> int:
 
 
 def _add_prepare(sub) -> None:
-    pass
+    from styleray.datasets.prepare_config import PrepareConfig as C  # light: standard library only
+
+    p = sub.add_parser(
+        "prepare",
+        help="raw images -> clean, square, white-background dataset (Ray Data)",
+        description="Remove outliers, classify framing, remove the background (classic or rembg), crop, pad to "
+        "1:1 on white and resize; writes square RGB PNGs, dataset.json (labels), report.json and a contact "
+        "sheet to OUT. Re-running skips finished images; thresholds and --framing can change between runs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("source", metavar="SOURCE", help="raw images: a folder (recursive), a .zip, or s3://bucket/prefix")
+    p.add_argument("out", metavar="OUT", help="output: a folder or s3://bucket/prefix")
+    p.add_argument("--resolution", type=int, default=C.resolution, help="output side in pixels (a power of two)")
+    p.add_argument("--remover", choices=["auto", "classic", "rembg"], default=C.remover,
+                   help="background removal; auto: rembg when its model file is present, else classic")
+    p.add_argument("--rembg-model", default=C.rembg_model, metavar="NAME|PATH",
+                   help="rembg model name (found in rembg's local model folder, never downloaded) or an .onnx path")
+    p.add_argument("--framing", choices=["all", "upper-body", "full-body"], default=C.framing,
+                   help="keep only one framing (the label is recorded either way)")
+    p.add_argument("--clusters", type=int, default=C.clusters, metavar="K",
+                   help="k-means classes as labels for conditional training; 0: framing classes")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="parallel tasks and rembg actors (default: the Ray cluster's CPUs)")
+    p.add_argument("--engine", choices=["ray", "local"], default=C.engine,
+                   help="ray: Ray Data pipeline; local: a plain loop in this process (small sets of tiny images)")
+    g = p.add_argument_group("outlier thresholds")
+    g.add_argument("--min-size", type=int, default=C.min_size, help="reject images whose shorter side is smaller (px)")
+    g.add_argument("--max-pixels", type=int, default=C.max_pixels, help="refuse larger images before decoding")
+    g.add_argument("--min-confidence", type=float, default=C.min_confidence,
+                   help="reject masks less confident than this (0..1): foreground and background not separated")
+    g.add_argument("--min-foreground", type=float, default=C.min_foreground,
+                   help="reject when the foreground covers less of the image than this (0..1)")
+    g.add_argument("--max-frame-touch", type=float, default=C.max_frame_touch,
+                   help="reject when more of the image's edge pixels than this are foreground (0..1)")
+    g.add_argument("--min-cartoon", type=float, default=C.min_cartoon,
+                   help="reject as photographic below this cartoon score (top-16 colour share, 0..1; 0: off)")
+    g.add_argument("--dup-distance", type=int, default=C.dup_distance,
+                   help="near-duplicate perceptual-hash distance in bits (of 192); -1: off")
+    p.add_argument("--margin", type=float, default=C.margin, help="crop margin, fraction of the figure's size")
+    p.add_argument("--seed", type=int, default=C.seed, help="k-means seed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_prepare)
 
 
 def _cmd_prepare(args) -> int:
-    raise NotImplementedError
+    from styleray.datasets.prepare import PrepareConfig, prepare_dataset
+
+    config = PrepareConfig(
+        source=args.source, out=args.out, resolution=args.resolution, remover=args.remover,
+        rembg_model=args.rembg_model, framing=args.framing, clusters=args.clusters, workers=args.workers,
+        engine=args.engine, margin=args.margin, min_size=args.min_size, max_pixels=args.max_pixels,
+        min_confidence=args.min_confidence, min_foreground=args.min_foreground,
+        max_frame_touch=args.max_frame_touch, min_cartoon=args.min_cartoon, dup_distance=args.dup_distance,
+        seed=args.seed, progress=not args.no_progress,
+    )
+    try:
+        report = prepare_dataset(config)
+    except FileNotFoundError as e:  # a missing rembg model: the message names the file and the fix
+        raise ValueError(str(e)) from None
+    print(report.summary())
+    return 0
 
 
 def _add_serve(sub) -> None:
@@ -319,7 +375,7 @@ def _cmd_metrics(args) -> int:
 
 # ---------------------------------------------------------------------------------------------------------
 
-COMMANDS: list[Callable] = [_add_train, _add_generate, _add_demo, _add_metrics]
+COMMANDS: list[Callable] = [_add_prepare, _add_train, _add_generate, _add_demo, _add_metrics]
 
 
 def build_parser() -> argparse.ArgumentParser:
