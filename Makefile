@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast demo venv bench clean
+.PHONY: test test-fast demo venv bench clean browser
 
 venv: $(STAMP)
 
@@ -18,7 +18,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# Debian's chromium for the web-page test (driven by Playwright; never `playwright install`). Idempotent.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "make browser: could not install chromium; the web-page test will be skipped"
+
+test: $(STAMP) browser
 	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q tests
 
 test-fast: $(STAMP)

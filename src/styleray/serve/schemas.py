@@ -1,0 +1,206 @@
+"""What a client may ask for: the bounds, the request objects the deployments exchange, and their parsing.
+
+Every bound is a module constant so the API, the web page (via ``/v1/info``) and the tests agree on them.
+Bounds cap the work one request can cause: at most ``MAX_SEEDS`` network evaluations for a grid,
+``MAX_FRAMES`` for a morph and ``MAX_MIX_SIDE ** 2 + 2 * MAX_MIX_SIDE`` for a style-mixing grid.
+
+Pure Python (pydantic, no torch, no Ray): the ingress validates with it before any work is queued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# -- bounds -------------------------------------------------------------------------------------------------
+MAX_SEED = 2**32 - 1  # seeds are NumPy RandomState seeds: [0, 2**32 - 1]
+MAX_SEEDS = 64  # seeds in one grid (POST /v1/samples) or one morph
+MAX_FRAMES = 240  # frames in one morph animation (after the schedule: (seeds - 1) * steps + 1)
+MAX_STEPS = 120  # frames between two consecutive morph seeds
+MAX_MIX_SIDE = 8  # row seeds and column seeds of a style-mixing grid, each
+TRUNCATION_RANGE = (-2.0, 2.0)  # psi: 1 = none, 0 = the average face, < 0 or > 1 extrapolates
+FPS_RANGE = (1, 50)  # GIF frame delays are multiples of 10 ms; browsers clamp faster ones
+QUALITY_RANGE = (1, 100)  # JPEG / WebP quality; 100 makes WebP lossless
+MAX_GRID_COLS = MAX_SEEDS
+MAX_BODY_BYTES = 64 * 1024  # a POST body larger than this is refused before parsing (413)
+
+ImageFormat = Literal["png", "jpeg", "webp"]
+AnimationFormat = Literal["gif", "webp"]
+NoiseMode = Literal["const", "random", "none"]
+LatentSpace = Literal["w", "z"]
+GridFormat = Literal["png", "zip"]
+
+MEDIA_TYPES = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "webp": "image/webp",
+    "gif": "image/gif",
+    "zip": "application/zip",
+}
+
+
+class InvalidRequest(ValueError):
+    """A request the model cannot serve (e.g. a class it does not have): answered 422 with this message."""
+
+
+def limits() -> dict:
+    """The bounds, as published by ``GET /v1/info``."""
+    return {
+        "max_seed": MAX_SEED,
+        "max_seeds": MAX_SEEDS,
+        "max_frames": MAX_FRAMES,
+        "max_steps": MAX_STEPS,
+        "max_mix_side": MAX_MIX_SIDE,
+        "truncation": list(TRUNCATION_RANGE),
+        "fps": list(FPS_RANGE),
+        "quality": list(QUALITY_RANGE),
+    }
+
+
+# -- parsing of list-valued query parameters ----------------------------------------------------------------
+
+
+def parse_seed_list(text: str, name: str, max_count: int = MAX_SEEDS, min_count: int = 1) -> list[int]:
+    """'3,17,42' -> [3, 17, 42]; InvalidRequest naming the parameter, the bad value and the limit."""
+    parts = [p.strip() for p in text.split(",")] if text.strip() else []
+    if len(parts) > max_count:
+        raise InvalidRequest(f"{name}: {len(parts)} seeds given, at most {max_count} allowed")
+    if len(parts) < min_count:
+        raise InvalidRequest(f"{name}: give at least {min_count} comma-separated seeds, e.g. {name}=3,17,42")
+    seeds = []
+    for p in parts:
+        if not p.isdigit():  # no signs, no decimals, no exponents
+            raise InvalidRequest(f"{name}: {p!r} is not a seed; seeds are integers in [0, {MAX_SEED}]")
+        v = int(p)
+        if v > MAX_SEED:
+            raise InvalidRequest(f"{name}: seed {v} is out of range [0, {MAX_SEED}]")
+        seeds.append(v)
+    return seeds
+
+
+def parse_layers(text: str | None, name: str = "layers") -> list[int] | None:
+    """'0-3,6' -> [0, 1, 2, 3, 6]; None or '' -> None (the model's coarse layers). Bounded to 0..63."""
+    if text is None or not text.strip():
+        return None
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise InvalidRequest(f"{name}: {part!r} is not a layer index or range like 0-5")
+        a, b = int(lo), int(hi) if sep else int(lo)
+        if b < a or b > 63:
+            raise InvalidRequest(f"{name}: {part!r} must be an increasing range within 0-63")
+        out.extend(range(a, b + 1))
+    return sorted(set(out))
+
+
+# -- request objects (ingress -> generator) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How seeds become images; shared by every endpoint."""
+
+    truncation: float = 1.0
+    class_idx: int | None = None
+    noise: str = "const"
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    seed: int
+    sampling: Sampling = field(default_factory=Sampling)
+    format: str = "png"
+    quality: int = 90
+
+
+@dataclass(frozen=True)
+class GridRequest:
+    seeds: tuple[int, ...]
+    sampling: Sampling = field(default_factory=Sampling)
+    format: str = "png"  # png grid or zip of PNGs
+    cols: int | None = None
+    pad: int = 0
+
+
+@dataclass(frozen=True)
+class MorphRequest:
+    seeds: tuple[int, ...]
+    steps: int = 30
+    space: str = "w"
+    loop: bool = False
+    fps: int = 24
+    sampling: Sampling = field(default_factory=Sampling)
+    format: str = "gif"
+    quality: int = 90
+
+    @property
+    def frames(self) -> int:
+        n = len(self.seeds)
+        return n * self.steps if self.loop else (n - 1) * self.steps + 1
+
+
+@dataclass(frozen=True)
+class MixRequest:
+    rows: tuple[int, ...]
+    cols: tuple[int, ...]
+    layers: tuple[int, ...] | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An encoded response body and what the client should know about it."""
+
+    data: bytes
+    media_type: str
+    checkpoint: str  # name of the checkpoint that made it
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+# -- JSON bodies --------------------------------------------------------------------------------------------
+
+
+class SamplesBody(BaseModel):
+    """POST /v1/samples: a list of seeds -> one grid PNG, or a zip with one PNG per seed."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    seeds: list[int] = Field(min_length=1, max_length=MAX_SEEDS, description=f"1 to {MAX_SEEDS} seeds")
+    truncation: float = Field(1.0, ge=TRUNCATION_RANGE[0], le=TRUNCATION_RANGE[1], allow_inf_nan=False)
+    class_idx: int | None = Field(None, alias="class", ge=0, description="class index of a conditional model")
+    noise: NoiseMode = "const"
+    format: GridFormat = "png"
+    cols: int | None = Field(None, ge=1, le=MAX_GRID_COLS, description="grid columns (default: square)")
+    pad: int = Field(0, ge=0, le=16, description="pixels between grid cells")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_in_range(cls, seeds: list[int]) -> list[int]:
+        bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+        if bad:
+            raise ValueError(f"seeds {bad[:5]} out of range [0, {MAX_SEED}]")
+        return seeds
+
+    def to_request(self) -> GridRequest:
+        return GridRequest(
+            seeds=tuple(self.seeds),
+            sampling=Sampling(self.truncation, self.class_idx, self.noise),
+            format=self.format,
+            cols=self.cols,
+            pad=self.pad,
+        )
+
+
+class ReloadBody(BaseModel):
+    """POST /v1/reload: switch every replica to a checkpoint (default: the newest of the configured path)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    checkpoint: str | None = Field(
+        None, max_length=4096, description="checkpoint or run folder, local or s3://; default: the served path"
+    )
+    wait_s: float = Field(60.0, ge=0, le=600, description="wait this long for every replica to switch")

@@ -1,0 +1,85 @@
+"""`styleray serve`: its flags, errors that exit 2 with the reason, and a real server started and stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from serve_helpers import RESOLUTION, decode, free_port, make_checkpoint
+
+from styleray import cli
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ["--checkpoint", "--host", "--port", "--replicas", "--gpus-per-replica", "--min-replicas", "--no-batching"]:
+        assert flag in out
+    assert "127.0.0.1" in out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--min-replicas", "1"], "autoscaling needs both"),
+        (["--replicas", "0"], "--replicas Input should be greater than or equal to 1"),
+        (["--device", "cuda"], "gpus_per_replica > 0"),
+        (["--batch-wait-ms", "5000"], "--batch-wait-ms"),
+        (["--port", "70000"], "--port 70000 must lie in 1-65535"),
+    ],
+)
+def test_bad_flags_exit_2_with_reason(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--checkpoint", str(tmp_path), *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_checkpoint_exits_2_before_starting_ray(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--checkpoint", str(tmp_path / "none")])
+    assert e.value.code == 2
+    assert "--checkpoint:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_serve_command_serves_until_interrupted(tmp_path):
+    run_dir = str(tmp_path / "run")
+    make_checkpoint(run_dir, seed=0, cur_nimg=500)
+    port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "STYLERAY_API_KEY": "cli-key"}
+    cmd = [sys.executable, "-m", "styleray.cli", "serve", "--checkpoint", run_dir, "--port", str(port),
+           "--address", "local", "--cpus-per-replica", "0.5"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
+            try:
+                if httpx.get(base + "/healthz", headers={"X-API-Key": "cli-key"}, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "styleray serve did not come up in 180 s"
+            time.sleep(1)
+        assert httpx.get(base + "/healthz", timeout=5).status_code == 401  # the key from the environment
+        r = httpx.get(base + "/v1/sample", params={"seed": 3, "class": 0}, headers={"X-API-Key": "cli-key"}, timeout=60)
+        assert r.status_code == 200 and decode(r.content).shape == (RESOLUTION, RESOLUTION, 3)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert proc.returncode in (0, 130), proc.stdout.read().decode(errors="replace")[-3000:]

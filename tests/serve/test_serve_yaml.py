@@ -1,0 +1,45 @@
+"""serve.yaml is a valid Ray Serve config whose builder accepts its args and builds the application offline."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import yaml
+
+SERVE_YAML = pathlib.Path(__file__).resolve().parents[2] / "serve.yaml"
+
+
+@pytest.fixture(scope="module")
+def config():
+    return yaml.safe_load(SERVE_YAML.read_text())
+
+
+def test_matches_ray_serve_schema(config):
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    assert schema.http_options.host == "127.0.0.1"  # never 0.0.0.0 by default
+    (app,) = schema.applications
+    assert app.import_path == "styleray.serve.app:build_app" and app.route_prefix == "/"
+
+
+def test_builder_accepts_args_and_builds_the_graph(config):
+    from ray._common.utils import import_attr
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from styleray.serve.args import ServeArgs
+    from styleray.serve.generator import Generator
+    from styleray.serve.registry import CheckpointRegistry
+
+    spec = config["applications"][0]
+    builder = import_attr(spec["import_path"])
+    app = call_user_app_builder_with_args_if_necessary(builder, spec["args"])  # what `serve deploy` does
+    assert isinstance(app, Application)
+    args = ServeArgs.model_validate(spec["args"])
+    assert args.autoscaling == {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16.0}
+    names = {"Ingress", Generator.name, CheckpointRegistry.name}
+    assert {d["name"] for d in spec.get("deployments", [])} <= names  # overrides name real deployments
+    with pytest.raises(Exception, match="bogus"):
+        call_user_app_builder_with_args_if_necessary(builder, {**spec["args"], "bogus": 1})
