@@ -288,11 +288,38 @@ def _cmd_prepare(args) -> int:
 
 
 def _add_serve(sub) -> None:
-    pass
+    p = sub.add_parser(
+        "serve",
+        help="serve a checkpoint over HTTP (Ray Serve): samples, morphs, style mixing, a web page",
+        description="Serve a checkpoint's EMA generator with Ray Serve: GET /v1/sample, POST /v1/samples, "
+        "GET /v1/morph, GET /v1/mix, GET /v1/info, POST /v1/reload, the latent explorer page at / and the "
+        "OpenAPI docs at /docs. Binds 127.0.0.1 unless --host says otherwise. When the environment variable "
+        "named by --api-key-env is set, every route needs that key (X-API-Key header); reload always does. "
+        "On a cluster, `serve deploy serve.yaml` runs the same application.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint); local or s3://")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--replicas", type=int, default=1, help="generator replicas (fixed)")
+    p.add_argument("--min-replicas", type=int, default=None, help="autoscale: lower bound (with --max-replicas)")
+    p.add_argument("--max-replicas", type=int, default=None, help="autoscale: upper bound (with --min-replicas)")
+    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per generator replica (0: CPU)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs reserved per generator replica")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch device of the replicas")
+    p.add_argument("--no-batching", action="store_true", help="one network call per single-image request")
+    p.add_argument("--max-batch-size", type=int, default=32, help="most single-image requests batched together")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    p.add_argument("--api-key-env", default="STYLERAY_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: attach to a running one or start one)")
+    p.add_argument("--route-prefix", default="/", help="URL prefix of the application")
+    p.set_defaults(func=_cmd_serve)
 
 
 def _cmd_serve(args) -> int:
-    raise NotImplementedError
+    from styleray.serve.cli_serve import run_serve
+
+    return run_serve(args)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -375,7 +402,7 @@ def _cmd_metrics(args) -> int:
 
 # ---------------------------------------------------------------------------------------------------------
 
-COMMANDS: list[Callable] = [_add_prepare, _add_train, _add_generate, _add_demo, _add_metrics]
+COMMANDS: list[Callable] = [_add_prepare, _add_train, _add_generate, _add_demo, _add_metrics, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
