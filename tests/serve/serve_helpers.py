@@ -43,3 +43,25 @@ def frames(data: bytes) -> list[np.ndarray]:
         im.seek(i)
         out.append(np.asarray(im.convert("RGB")))
     return out
+
+
+def start_moto(log_path: str):
+    """A moto S3 server on 127.0.0.1 (the moto_server next to this Python): (endpoint URL, process)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    log = open(log_path, "w")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return f"http://127.0.0.1:{port}", proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"moto_server did not start; see {log_path}")

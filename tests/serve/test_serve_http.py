@@ -1,4 +1,4 @@
-"""The Serve application for real: serve.run on 127.0.0.1 with a tiny checkpoint, httpx over loopback,
+"""The Serve application for real: serve.run on 127.0.0.1 with a tiny checkpoint in a moto S3 bucket, httpx,
 the web page in headless chromium, and a reload under load. One application for the whole module."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import zipfile
 import httpx
 import numpy as np
 import pytest
-from serve_helpers import CLASSES, RESOLUTION, decode, frames, free_port, make_checkpoint
+from serve_helpers import CLASSES, RESOLUTION, decode, frames, free_port, make_checkpoint, start_moto
 
 from styleray.models import sampling
 from styleray.platform.checkpoint import load_generator
@@ -24,11 +24,31 @@ KEY = "test-key-3f9a"
 pytestmark = pytest.mark.timeout(300)
 
 
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("serve-run"))
-    make_checkpoint(d, seed=0, cur_nimg=1000)
-    return d
+    """The served run folder lives in a bucket of a moto S3 server; the replicas inherit the AWS variables."""
+    endpoint, proc = start_moto(str(tmp_path_factory.mktemp("moto") / "moto.log"))
+    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"]}
+    os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": endpoint})
+    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+    try:
+        from styleray.platform import storage
+
+        fs, _ = storage.filesystem("s3://styleray-serve")
+        fs.mkdir("styleray-serve")
+        make_checkpoint("s3://styleray-serve/runs/r1", seed=0, cur_nimg=1000)
+        yield "s3://styleray-serve/runs/r1"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +105,7 @@ def test_health_and_info(client):
     info = client.get("/v1/info").json()
     assert info["resolution"] == RESOLUTION and info["classes"] == CLASSES and info["channels"] == 3
     assert info["checkpoint"] == "ckpt-000000001000" and info["kimg"] == 1.0
+    assert info["checkpoint_uri"] == "s3://styleray-serve/runs/r1/checkpoints/ckpt-000000001000"
     assert info["batching"] is True and info["limits"]["max_seeds"] == MAX_SEEDS
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/sample", "/v1/samples", "/v1/morph", "/v1/mix", "/v1/info", "/v1/reload", "/healthz"} <= set(paths)

@@ -67,14 +67,19 @@ class LoadedModel:
         }
 
 
-def load_model(target: str, device: str) -> LoadedModel:
-    """Load the EMA generator of ``target`` (checkpoint or run folder, local or s3://) onto ``device``."""
+def replica_device(args: ServeArgs) -> str:
+    """auto: cuda only when the replica reserved a GPU (Ray then sets CUDA_VISIBLE_DEVICES) and sees one."""
+    if args.device != "auto":
+        return args.device
     import torch
 
+    return "cuda" if args.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
+
+
+def load_model(target: str, device: str) -> LoadedModel:
+    """Load the EMA generator of ``target`` (checkpoint or run folder, local or s3://) onto ``device``."""
     from styleray.platform.checkpoint import load_generator
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     G, ckpt = load_generator(target, device)
     return LoadedModel(G=G, target=target, uri=ckpt.uri, name=ckpt.name, kimg=float(ckpt.meta.get("kimg", 0.0)), device=device)
 
@@ -95,6 +100,7 @@ class Generator:
         self._args = args
         self._registry = registry  # DeploymentHandle of CheckpointRegistry
         self._batching = args.batching
+        self._device = replica_device(args)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="styleray-model")
         try:
             self._replica = serve.get_replica_context().replica_id.unique_id
@@ -104,7 +110,7 @@ class Generator:
         self._sample_batched.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
         version, target = await registry.target.remote()
-        self._model = await asyncio.to_thread(load_model, target, args.device)
+        self._model = await asyncio.to_thread(load_model, target, self._device)
         self._version = version
         await registry.pin.remote(version, target, self._model.uri)
         await registry.report.remote(self._replica, version, self._model.uri)
@@ -123,7 +129,7 @@ class Generator:
                 if target not in (self._model.target, self._model.uri):
                     started = time.perf_counter()
                     try:
-                        model = await asyncio.to_thread(load_model, target, self._args.device)
+                        model = await asyncio.to_thread(load_model, target, self._device)
                     except Exception as e:  # noqa: BLE001 - keep serving the old model; report why
                         log.error("replica %s cannot load %s: %s", self._replica, target, e)
                         error = f"{type(e).__name__}: {e}"
@@ -149,7 +155,9 @@ class Generator:
         watcher = getattr(self, "_watcher", None)
         if watcher is not None:
             watcher.cancel()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self, fn: Callable, *args) -> Any:
         """Run model work on the replica's model thread (one at a time, off the event loop)."""
