@@ -401,8 +401,106 @@ def _cmd_metrics(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# queue and manager: the training manager (styleray.platform.manager)
+# ---------------------------------------------------------------------------------------------------------
 
-COMMANDS: list[Callable] = [_add_prepare, _add_train, _add_generate, _add_demo, _add_metrics, _add_serve]
+
+class _QueueAddParser(argparse.ArgumentParser):
+    """`queue add` keeps every flag it does not know as a `styleray train` flag (checked when the request is
+    added, and recorded with the reason if it is bad)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = super().parse_known_args(args, namespace)
+        if getattr(ns, "_train_passthrough", False):
+            ns.train_args, extras = extras, []
+        return ns, extras
+
+
+def _add_queue(sub) -> None:
+    p = sub.add_parser(
+        "queue",
+        help="the training queue: add, list, show, cancel requests",
+        description="A durable queue of training requests (SQLite: --db, default $STYLERAY_QUEUE or "
+        "~/.styleray/queue.db) that `styleray manager` runs on a Ray cluster as jobs, resuming interrupted ones.",
+    )
+    qsub = p.add_subparsers(dest="queue_command", metavar="ACTION", required=True, parser_class=_QueueAddParser)
+    db = dict(default=None, help="queue database (default: $STYLERAY_QUEUE or ~/.styleray/queue.db)")
+    a = qsub.add_parser(
+        "add",
+        help="add a training request",
+        description="Add a request: --name plus the flags of `styleray train` (or --config FILE.yaml with them; "
+        "flags given here override the file's). It is checked now: bad flags or missing data are recorded "
+        "as a failed request with the reason.",
+        allow_abbrev=False,
+        usage="styleray queue add --name N [--priority P] [--config FILE.yaml] [TRAIN FLAGS: --data D --out O --kimg K ...]",
+    )
+    a.add_argument("--name", default=None, help="a short label for the request")
+    a.add_argument("--priority", type=int, default=None, help="higher runs first (default 0)")
+    a.add_argument("--config", default=None, metavar="FILE", help="YAML: train flags (and name, priority)")
+    a.add_argument("--max-attempts", type=int, default=None,
+                   help="fail after this many interrupted attempts in a row without a new checkpoint (default 5)")
+    a.add_argument("--no-check", action="store_true",
+                   help="do not read --data from here (data only the cluster sees); --kimg is then required")
+    a.add_argument("--db", **db)
+    a.set_defaults(_train_passthrough=True, train_args=[])
+    ls = qsub.add_parser("list", help="the requests, with progress bars", description="The queue, what the manager does.")
+    ls.add_argument("--active", action="store_true", help="only requests that have not finished")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.add_argument("--db", **db)
+    sh = qsub.add_parser("show", help="one request: attempts and events", description="A request's attempts and events.")
+    sh.add_argument("id", type=int, help="request id")
+    sh.add_argument("--db", **db)
+    c = qsub.add_parser("cancel", help="cancel a request (and stop its Ray job)",
+                        description="Cancel a request; its Ray job is stopped now with --address, else by the manager.")
+    c.add_argument("id", type=int, help="request id")
+    c.add_argument("--address", default=None, help="Jobs API, e.g. http://HEAD:8265: stop the job right away")
+    c.add_argument("--db", **db)
+    p.set_defaults(func=_cmd_queue)
+
+
+def _cmd_queue(args) -> int:
+    from styleray.platform.manager import commands
+
+    return {"add": commands.queue_add, "list": commands.queue_list, "show": commands.queue_show,
+            "cancel": commands.queue_cancel}[args.queue_command](args)
+
+
+def _add_manager(sub) -> None:
+    p = sub.add_parser(
+        "manager",
+        help="run queued training requests as Ray jobs; resume interrupted ones",
+        description="Take requests from the queue (highest priority first), submit each as a Ray job "
+        "(`styleray train ...`), watch its status and progress, and when a job is interrupted (stopped, killed, "
+        "node or head lost) resubmit it to continue from its last checkpoint, with backoff and bounded "
+        "attempts. Runs as a plain process or as a Ray job; SIGTERM stops it after the current round. Token "
+        "auth: RAY_AUTH_TOKEN_PATH, RAY_AUTH_TOKEN or ~/.ray/auth_token.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--address", default=None,
+                   help="Jobs API of the cluster, http://HEAD:8265 (default: Ray's, e.g. RAY_ADDRESS or inside a job)")
+    p.add_argument("--db", default=None, help="queue database (default: $STYLERAY_QUEUE or ~/.styleray/queue.db)")
+    p.add_argument("--max-running", type=int, default=1, help="requests on the cluster at once")
+    p.add_argument("--poll", type=_positive_float, default=30.0, help="seconds between rounds")
+    p.add_argument("--backoff", type=float, default=30.0, help="seconds before resuming an interrupted request")
+    p.add_argument("--backoff-max", type=float, default=900.0, help="longest backoff (it doubles without progress)")
+    p.add_argument("--once", action="store_true", help="one round, then exit (cron)")
+    p.add_argument("--ship-package", action="store_true",
+                   help="ship this machine's styleray package with every job (py_modules) instead of the cluster's")
+    p.add_argument("--working-dir", default=None, help="runtime_env working_dir of every job")
+    p.add_argument("--runtime-env", default=None, metavar="FILE", help="YAML/JSON runtime_env for every job")
+    p.add_argument("--entrypoint-num-cpus", type=float, default=None, help="CPUs reserved for each job's driver")
+    p.set_defaults(func=_cmd_manager)
+
+
+def _cmd_manager(args) -> int:
+    from styleray.platform.manager.commands import run_manager
+
+    return run_manager(args)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+COMMANDS: list[Callable] = [_add_prepare, _add_train, _add_generate, _add_demo, _add_metrics, _add_serve, _add_queue, _add_manager]
 
 
 def build_parser() -> argparse.ArgumentParser:
