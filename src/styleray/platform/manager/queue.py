@@ -456,7 +456,9 @@ class Queue:
             row = db.execute("SELECT * FROM manager WHERE id = 1").fetchone()
             if row is not None and row["owner"] != owner:
                 held = Lease(**{k: row[k] for k in Lease.__dataclass_fields__})
-                alive = _pid_alive(held.pid) if held.host == host else True
+                # On this host a dead pid frees the lease at once; our own pid is a previous Manager object of
+                # this process (a notebook, a test), which cannot be polling at the same time as this one.
+                alive = (held.pid != pid and _pid_alive(held.pid)) if held.host == host else True
                 fresh = now - held.heartbeat_at < stale_after_s
                 if alive and fresh:
                     raise LeaseHeld(
