@@ -61,20 +61,36 @@ def _positive_float(text: str) -> float:
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="train StyleGAN2-ADA on a prepared dataset",
-        description="Train StyleGAN2-ADA on a prepared dataset (square PNGs + dataset.json). Writes checkpoints, "
-        "metrics.jsonl and sample grids to --out; rerunning with --resume latest continues where it stopped.",
+        help="train StyleGAN2-ADA on a prepared dataset (Ray Train)",
+        description="Train StyleGAN2-ADA on a prepared dataset (square PNGs + dataset.json, or Parquet) with Ray "
+        "Train: --workers processes (one per GPU with --gpus; gloo on CPU, NCCL on GPU). Attaches to the cluster "
+        "in RAY_ADDRESS (e.g. under `ray job submit`), else starts a local one. Writes checkpoints, metrics.jsonl, "
+        "sample grids and best.json to --out; restarts failed workers from the last checkpoint (--max-failures), "
+        "rolls back unstable training (--max-rollbacks), and --resume latest continues a stopped or finished run "
+        "to a new --kimg. --no-ray trains in this process instead (one worker, local data; notebooks, debugging).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data", required=True, help="prepared dataset folder (styleray prepare output)")
+    p.add_argument("--data", required=True, help="prepared dataset: PNG folder or Parquet, local or s3://")
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, grids (local or s3://)")
     p.add_argument("--preset", default="auto", help="auto, stylegan2, paper256, paper512, paper1024, cpu-tiny")
     p.add_argument("--resolution", type=int, default=None, help="image size; default: the dataset's")
     p.add_argument("--kimg", type=_positive_float, default=None, help="train until this many thousand images")
     p.add_argument("--tick", type=_positive_float, default=None, help="progress report interval in kimg")
     p.add_argument("--snap", type=int, default=None, help="checkpoint + sample grid every this many ticks")
-    p.add_argument("--batch", type=int, default=None, help="total batch size (preset default)")
+    p.add_argument("--batch", type=int, default=None, help="total batch size over all workers (preset default)")
     p.add_argument("--workers", type=int, default=1, help="training processes (Ray Train workers; one per GPU)")
+    p.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL); default: CPU workers (gloo)")
+    p.add_argument("--cpus-per-worker", type=_positive_float, default=None,
+                   help="CPUs reserved per worker (default: 1 with --gpus, 0.9 on CPU)")
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="restart failed workers from the last checkpoint this many times (-1: no limit)")
+    p.add_argument("--placement-timeout", type=_positive_float, default=300.0,
+                   help="seconds to wait for room for the workers (at start, or after losing a node) before failing")
+    p.add_argument("--autoscale", action="store_true",
+                   help="the cluster can add nodes: wait for them instead of failing fast when --workers do not fit")
+    p.add_argument("--max-rollbacks", type=int, default=None,
+                   help="roll back unstable training (NaN/Inf, D collapse) at most this many times (default 3)")
+    p.add_argument("--no-ray", action="store_true", help="train in this process without Ray (--workers 1, local --data)")
     p.add_argument("--gamma", type=float, default=None, help="R1 regularisation weight (preset default)")
     p.add_argument("--lr", type=_positive_float, default=None, help="learning rate of G and D (preset default)")
     p.add_argument("--aug", choices=["ada", "fixed", "noaug"], default="ada", help="augmentation mode")
@@ -83,10 +99,11 @@ def _add_train(sub) -> None:
     p.add_argument("--mirror", action="store_true", help="random x-flips of the data")
     p.add_argument("--cond", action="store_true", help="class-conditional training from dataset.json labels")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--keep", type=int, default=None, help="keep this many latest checkpoints")
-    p.add_argument("--resume", default="latest", help="'latest' (the run's newest checkpoint if any), 'none', or a path")
-    p.add_argument("--device", default=None, help="torch device for single-process training (default: cuda if available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--keep", type=int, default=None, help="keep this many latest checkpoints (plus the best one)")
+    p.add_argument("--resume", default="latest",
+                   help="'latest' (the run's newest good checkpoint, if any), 'none' (a new run), or a checkpoint or run path")
+    p.add_argument("--device", default=None, help="torch device with --no-ray (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (--no-ray)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -118,28 +135,53 @@ def build_run_config(args, data_resolution: int, data_channels: int, num_classes
             mirror=args.mirror or None,
             seed=args.seed,
             keep_checkpoints=args.keep,
+            max_rollbacks=getattr(args, "max_rollbacks", None),
         ),
     )
     return RunConfig(model=model, train=train, preset=args.preset, data=args.data, out=args.out, device=args.device or "cpu")
 
 
 def _cmd_train(args) -> int:
-    import torch
+    from styleray.platform import ray_train, storage
+    from styleray.platform.stability import TrainingDiverged
 
-    from styleray.datasets.reader import BatchSampler, load_image_folder
-    from styleray.platform.loop import LoopHooks, run_training
-
-    if args.workers != 1:
-        raise ValueError("--workers > 1 needs Ray Train, which this build does not have yet; use --workers 1")
-    data = load_image_folder(args.data, resolution=args.resolution)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    run = build_run_config(args, data.resolution, data.channels, data.num_classes)
-    if not args.cond:
-        data.labels, data.num_classes = None, 0
-    sampler = BatchSampler(data, run.train.batch_per_worker, seed=run.train.seed, mirror=run.train.mirror)
-    log.info("training %s at %dpx on %d images -> %s", run.preset, run.model.resolution, len(data.images), run.out)
     resume = None if args.resume == "none" else args.resume
-    summary = run_training(run, sampler, resume=resume, hooks=LoopHooks(progress=not args.no_progress))
+    try:
+        if args.no_ray:
+            import torch
+
+            from styleray.datasets.reader import BatchSampler, load_image_folder
+            from styleray.platform.loop import LoopHooks, run_training
+
+            if args.workers != 1:
+                raise ValueError(
+                    f"--no-ray trains in this process: use --workers 1, or drop --no-ray for {args.workers} Ray workers"
+                )
+            data = load_image_folder(args.data, resolution=args.resolution)
+            args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            run = build_run_config(args, data.resolution, data.channels, data.num_classes)
+            if not args.cond:
+                data.labels, data.num_classes = None, 0
+            sampler = BatchSampler(data, run.train.batch_per_worker, seed=run.train.seed, mirror=run.train.mirror)
+            log.info("training %s at %dpx on %d images -> %s", run.preset, run.model.resolution, len(data.images), run.out)
+            resume = ray_train.check_resume(resume, run.out)
+            summary = run_training(run, sampler, resume=resume, hooks=LoopHooks(progress=not args.no_progress))
+        else:
+            from styleray.datasets.ray_reader import inspect_dataset
+
+            data = inspect_dataset(storage.absolute(args.data), storage.pyarrow_filesystem(args.data)[0])
+            run = build_run_config(args, data.resolution, data.channels, data.num_classes)
+            options = ray_train.RayOptions(
+                gpus=args.gpus,
+                cpus_per_worker=args.cpus_per_worker,
+                max_failures=args.max_failures,
+                placement_timeout_s=args.placement_timeout,
+                autoscale=args.autoscale,
+            )
+            summary = ray_train.fit(run, data=data, resume=resume, options=options)
+    except (ray_train.PlacementTimeout, ray_train.TrainingFailed, TrainingDiverged) as e:
+        log.error("%s", e)
+        return 1
     print(f"done: {summary['kimg']:.3f} kimg, last checkpoint {summary['checkpoint']}")
     return 0
 

@@ -98,6 +98,9 @@ class TrainConfig:
     seed: int = 0  # Global random seed.
     mirror: bool = False  # Add x-flipped copies of the data (done on the fly).
     keep_checkpoints: int = 3  # Keep this many latest checkpoints (plus the best one).
+    unstable_ticks: int = 3  # Roll back after this many consecutive collapsed ticks (NaN/Inf losses: at once).
+    collapse_d_loss: float = 0.05  # A tick is collapsed when the D loss is below this while the G loss climbs.
+    max_rollbacks: int = 3  # Roll back to the last stable checkpoint at most this many times; 0 = never.
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -116,9 +119,14 @@ class TrainConfig:
             raise ValueError(f"--kimg must be >= 0, got {self.kimg}")
         if self.r1_gamma < 0 or self.pl_weight < 0:
             raise ValueError("--gamma and pl_weight must be >= 0")
-        for name in ("r1_interval", "pl_interval", "pl_batch_shrink", "ada_interval", "snap", "keep_checkpoints"):
+        for name in ("r1_interval", "pl_interval", "pl_batch_shrink", "ada_interval", "snap", "keep_checkpoints",
+                     "unstable_ticks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_rollbacks < 0:
+            raise ValueError(f"--max-rollbacks {self.max_rollbacks} must be >= 0 (0 = stop at the first instability)")
+        if not self.collapse_d_loss >= 0:
+            raise ValueError(f"collapse_d_loss {self.collapse_d_loss} must be >= 0 (0 = only NaN/Inf counts)")
         if not 0.0 <= self.style_mixing <= 1.0:
             raise ValueError(f"style_mixing {self.style_mixing} must lie in [0, 1]")
         if not 0.0 <= self.augment_p <= 1.0:

@@ -4,7 +4,14 @@ Shared by the single-process ``styleray train --no-ray`` and the Ray Train worke
 table of contents (build -> restore -> ticks -> report/checkpoint) and takes its batches and its reporting as
 arguments, so it never imports Ray itself. Inside a torch process group every rank runs it: tick statistics
 are averaged over the ranks (so every rank judges stability the same way), snapshots gather every rank's
-state and check that the replicas still hold identical weights, and only the chief writes files.
+state and check that the replicas still hold identical weights, and only the chief writes files:
+
+    RUN/config.json          the resolved RunConfig
+    RUN/metrics.jsonl        one line per tick: kimg, sec/kimg, img/s, losses, penalties, ADA p and r_t,
+                             memory, resumed_kimg, rollbacks, and unstable/unstable_reason/rollback_to
+    RUN/checkpoints/ckpt-N/  every --snap ticks (checkpoint.py); the newest --keep plus best and last good
+    RUN/grids/ckpt-N.png     the sample grid of every snapshot (fixed seeds)
+    RUN/best.json            the best stable checkpoint
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import io
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -117,11 +125,19 @@ def mean_over_ranks(means: dict[str, float], device: torch.device) -> dict[str, 
     return dict(zip(keys, (t / world).tolist()))
 
 
+# Per-rank running statistics that are allowed to differ (the reference's check_ddp_consistency ignores the
+# same): w_avg tracks each rank's own latents.
+_PER_RANK = re.compile(r".*\.[^.]+_(avg|ema)$")
+
+
 def replica_digests(state: dict[str, Any]) -> list[str]:
-    """SHA-256 of this rank's G, D and G_ema weights, gathered from every rank (collective)."""
+    """SHA-256 of this rank's G, D and G_ema weights (all but per-rank running averages), gathered from every
+    rank (collective). All equal = the replicas are in sync."""
     h = hashlib.sha256()
     for net in ("G", "D", "G_ema"):
         for name, tensor in sorted(state[net].items()):
+            if _PER_RANK.match(name):
+                continue
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     digest = h.hexdigest()[:16]
@@ -248,9 +264,10 @@ class TrainingRun:
             "rollbacks": self.rollbacks,
             "replicas": replicas,
         }
-        uri = ckpt_lib.save_checkpoint(
-            self.run_dir, state, config=self.run.to_dict(), meta=meta, grid_png=sample_grid_png(self.trainer)
-        )
+        grid = sample_grid_png(self.trainer)
+        uri = ckpt_lib.save_checkpoint(self.run_dir, state, config=self.run.to_dict(), meta=meta, grid_png=grid)
+        # grids/ keeps every snapshot's samples (pruning removes checkpoints, not the history to look at)
+        storage.write_bytes(storage.join(self.run_dir, "grids", f"{name}.png"), grid)
         if stable:
             self._update_best(name, uri, record)
         protect = {n for n in (self.last_good, (self.best or {}).get("checkpoint")) if n}

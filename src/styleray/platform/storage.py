@@ -11,15 +11,109 @@ import posixpath
 import tempfile
 import uuid
 from typing import Any
+from urllib.parse import urlparse
 
 
 def is_remote(uri: str) -> bool:
     return "://" in str(uri) and not str(uri).startswith("file://")
 
 
+# The variables that say where S3 is and who we are; forwarded to Ray workers (see forwarded_env).
+S3_ENV_VARS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
+CONNECT_TIMEOUT_S = 5.0  # an unreachable endpoint fails in seconds, not after minutes of retries
+READ_TIMEOUT_S = 60.0
+MAX_ATTEMPTS = 3
+
+
+def s3_endpoint() -> str | None:
+    """The S3-compatible endpoint from the usual AWS variables, or None (AWS itself)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
 def _s3_kwargs() -> dict[str, Any]:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+    kwargs: dict[str, Any] = {
+        "config_kwargs": {
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "read_timeout": READ_TIMEOUT_S,
+            "retries": {"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+        }
+    }
+    endpoint = s3_endpoint()
+    if endpoint:
+        kwargs["client_kwargs"] = {"endpoint_url": endpoint}
+    return kwargs
+
+
+def forwarded_env() -> dict[str, str]:
+    """This process's S3 settings (endpoint, region, credentials), for processes that may run elsewhere
+    (Ray workers on other nodes do not inherit the driver's environment)."""
+    return {k: os.environ[k] for k in S3_ENV_VARS if os.environ.get(k)}
+
+
+def apply_env(env: dict[str, str]) -> None:
+    """Adopt forwarded S3 settings, without overriding what this process already has."""
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+
+
+def pyarrow_filesystem(uri: str):
+    """(pyarrow filesystem, path within it) for a local path or s3:// URI, as Ray Train and Ray Data want
+    them. The S3 endpoint and credentials are read here, once, so the filesystem object carries them to
+    every Ray process it is shipped to."""
+    import pyarrow.fs as pafs
+
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        kwargs: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S, "request_timeout": READ_TIMEOUT_S}
+        endpoint = s3_endpoint()
+        if endpoint:
+            parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+            kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
+            # A custom endpoint has no region to discover; asking EC2 metadata for one would stall.
+            kwargs["region"] = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        elif os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
+            kwargs["region"] = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+            kwargs.update(
+                access_key=os.environ["AWS_ACCESS_KEY_ID"],
+                secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+                session_token=os.environ.get("AWS_SESSION_TOKEN"),
+            )
+        return pafs.S3FileSystem(**kwargs), uri[len("s3://") :].rstrip("/")
+    if is_remote(uri):
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
+
+
+def absolute(uri: str) -> str:
+    """Local paths made absolute (Ray workers run in another working directory); URIs unchanged."""
+    uri = str(uri)
+    return uri if is_remote(uri) else os.path.abspath(uri.removeprefix("file://"))
+
+
+def check_writable(uri: str, flag: str = "--out") -> None:
+    """Write and delete a small probe file; ValueError naming ``flag`` if the storage cannot be reached."""
+    probe = join(uri, unique_tmp_name(".probe"))
+    try:
+        write_bytes(probe, b"ok")
+        remove(probe)
+    except Exception as e:  # noqa: BLE001 - any failure here means the run could not save its work
+        hint = ""
+        if str(uri).startswith("s3://"):
+            endpoint = s3_endpoint()
+            hint = (
+                f" (endpoint {endpoint or 'AWS default'}; check AWS_ENDPOINT_URL, the credentials, "
+                "and that the bucket exists)"
+            )
+        raise ValueError(f"{flag} {uri} is not writable: {type(e).__name__}: {e}{hint}") from e
 
 
 def filesystem(uri: str):

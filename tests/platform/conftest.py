@@ -1,0 +1,106 @@
+"""Shared fixtures for the platform tests: a tiny prepared dataset, tiny run configs, a private Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+
+from styleray.config import RunConfig, resolve_preset
+from styleray.datasets.synthetic import make_clean_training_set
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+    """64 figures at 16 px with framing labels (2 classes)."""
+    return str(make_clean_training_set(tmp_path_factory.mktemp("data") / "tiny16", n=64, resolution=16, seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_run():
+    """RunConfig factory: cpu-tiny at 16 px, batch 8, ticks of 32 images (4 steps with 2 workers)."""
+
+    def make(data, out, *, workers: int = 2, kimg: float = 0.096, tick: float = 0.032, snap: int = 1,
+             batch: int = 8, cond: bool = False, **train) -> RunConfig:
+        model, cfg = resolve_preset(
+            "cpu-tiny",
+            resolution=16,
+            workers=workers,
+            c_dim=2 if cond else 0,
+            train_overrides=dict(batch=batch, kimg=kimg, tick_kimg=tick, snap=snap, **train),
+        )
+        return RunConfig(model=model, train=cfg, preset="cpu-tiny", data=str(data), out=str(out))
+
+    return make
+
+
+def _is_private_local_cluster(ray) -> bool:
+    return ray.is_initialized() and len(ray.nodes()) == 1 and ray.cluster_resources().get("CPU") == 2
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A private 2-CPU Ray cluster (never one another process started), shared by the modules that use it
+    one after another; a module that needs another cluster (node loss) shuts it down, and the next user
+    starts a fresh one. Torn down at the end of the session."""
+    import ray
+
+    if not _is_private_local_cluster(ray):
+        ray.shutdown()
+        os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_down_at_the_end():
+    yield
+    import sys
+
+    if "ray" in sys.modules:
+        sys.modules["ray"].shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """In-process training uses one thread, like each Ray worker here: the 2 cores are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group():
+    """No test leaves a torch process group behind."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def helpers():
+    """Small helpers shared by the test modules (tests/ has no __init__.py to import them from)."""
+
+    class H:
+        port = staticmethod(free_port)
+        metrics = staticmethod(read_metrics)
+
+    return H
