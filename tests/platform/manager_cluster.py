@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -111,21 +110,22 @@ class RayHead:
         return None
 
     def stop(self) -> None:
+        """SIGTERM to every process of this cluster at once, SIGKILL to what is left after a few seconds."""
         import psutil
 
         procs = self.processes()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
+        for p in procs:
             try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        _, alive = psutil.wait_procs([p for p in procs if p.pid != self.proc.pid], timeout=10)
-        for p in alive:  # e.g. job drivers in their own sessions
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        for p in alive:
             try:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
+        psutil.wait_procs(alive, timeout=5)
+        self.proc.poll()
         self._log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)

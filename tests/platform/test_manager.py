@@ -1,8 +1,9 @@
 """The training manager on a real Ray cluster (`ray start --head` on 127.0.0.1, token auth on): issue 7's tests.
 
 The manager loop is driven step by step in this process (``Manager.poll_once``), except in the test that kills
-the manager, where it runs as a real `styleray manager` process. Runs use the cpu-tiny preset at 16 px; most
-train in the job's driver (``--no-ray``, seconds), the interruption test trains with Ray Train (one worker).
+the manager, where it runs as a real `styleray manager` process. Runs use the cpu-tiny preset at 16 px and
+train in the job's driver (``--no-ray``): a Ray Train job costs ~45 s more to start on a loaded 2-core machine,
+and the manager treats both alike (benchmarks/manager_recovery.py measures resuming Ray Train runs).
 """
 
 from __future__ import annotations
@@ -50,12 +51,9 @@ def jobs(head, token_env) -> RayJobs:
     return RayJobs(head.url)
 
 
-def train_flags(data, out, kimg: float, *, ray_train: bool = False) -> list[str]:
-    flags = ["--data", str(data), "--out", str(out), "--preset", "cpu-tiny", "--resolution", "16", "--batch", "4",
-             "--tick", str(TICK), "--snap", "1", "--kimg", str(kimg)]
-    if ray_train:
-        return flags + ["--workers", "1", "--cpus-per-worker", "0.5", "--max-failures", "0"]
-    return flags + ["--no-ray", "--no-progress"]
+def train_flags(data, out, kimg: float) -> list[str]:
+    return ["--data", str(data), "--out", str(out), "--preset", "cpu-tiny", "--resolution", "16", "--batch", "4",
+            "--tick", str(TICK), "--snap", "1", "--kimg", str(kimg), "--no-ray", "--no-progress"]
 
 
 def add(db, name: str, flags: list[str], *extra: str) -> int:
@@ -137,19 +135,20 @@ def test_a_request_runs_to_its_target_kimg(head, jobs, tiny_data, tmp_path, monk
 
 
 def test_a_killed_job_resumes_from_its_checkpoint(head, jobs, tiny_data, tmp_path):
-    """Ray Train, one worker: the job's driver is SIGKILLed mid-training; the manager resubmits the same command,
-    which resumes from the newest checkpoint and trains only the remaining kimg."""
-    db, out, target = tmp_path / "queue.db", tmp_path / "run", 0.2
-    rid = add(db, "killed", train_flags(tiny_data, out, kimg=target, ray_train=True))
+    """The job's driver (the training process) is SIGKILLed mid-training; the manager resubmits the same command,
+    which resumes from the newest checkpoint and trains only the remaining kimg. (With Ray Train the same
+    happens, only slower: benchmarks/manager_recovery.py interrupts Ray Train runs.)"""
+    db, out, target = tmp_path / "queue.db", tmp_path / "run", 0.4
+    rid = add(db, "killed", train_flags(tiny_data, out, kimg=target))
     with Queue(str(db)) as q:
         manager = Manager(q, jobs, options(head))
-        drive(manager, lambda: (q.get(rid).checkpoint_kimg or 0) >= 2 * TICK, "checkpointed twice", timeout=240)
+        drive(manager, lambda: (q.get(rid).checkpoint_kimg or 0) >= 2 * TICK, "checkpointed twice")
         driver = head.find_process("styleray", "train", str(out))
         assert driver is not None, "no driver process found"
         at_kill = q.get(rid).checkpoint_kimg
         driver.send_signal(signal.SIGKILL)
         assert at_kill < target, "training finished before the kill: raise the target"
-        drive(manager, lambda: q.get(rid).state.terminal, "finished after the kill", timeout=300)
+        drive(manager, lambda: q.get(rid).state.terminal, "finished after the kill")
 
         req = q.get(rid)
         assert req.state == State.SUCCEEDED, _diagnose(q, jobs)
@@ -215,7 +214,7 @@ def test_a_killed_manager_restarts_without_duplicating_the_job(head, jobs, tiny_
     listed = subprocess.run([os.path.join(VENV_BIN, "ray"), "job", "list", "--address", head.url],
                             env=head.client_env(), capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr
-    assert listed.stdout.count(f"r{rid}-a1") == 1 and f"r{rid}-a2" not in listed.stdout
+    assert listed.stdout.count(f"submission_id='styleray-{q.queue_id}-r{rid}-a") == 1
 
 
 def test_requests_run_in_priority_order(head, jobs, tiny_data, tmp_path):

@@ -336,3 +336,24 @@ def test_options_name_the_flag():
         ManagerOptions(max_running=0)
     with pytest.raises(ValueError, match="http://HEAD:8265"):
         ManagerOptions(address="127.0.0.1:6379")
+
+
+def test_run_rides_out_a_failed_round_and_stops_when_asked(env):
+    import sqlite3
+    import threading
+
+    stop, rounds = threading.Event(), []
+    m = env.manager(poll_s=0.01)
+    real = m.poll_once
+
+    def flaky():
+        rounds.append(1)
+        if len(rounds) == 1:
+            raise sqlite3.OperationalError("database is locked")
+        if len(rounds) == 3:
+            stop.set()  # what SIGTERM does in `styleray manager`
+        real()
+
+    m.poll_once = flaky
+    m.run(stop)
+    assert len(rounds) == 3 and env.queue.lease() is None  # the lease is released on the way out

@@ -63,9 +63,14 @@ def queue_cancel(args) -> int:
             print(f"cancelled request {req.id} ({req.name})")
             return 0
         if args.address:
-            from styleray.platform.manager.jobs import RayJobs
+            from styleray.platform.manager.jobs import JobsUnavailable, RayJobs
 
-            stopped = RayJobs(args.address).stop(att.submission_id)
+            try:
+                stopped = RayJobs(args.address).stop(att.submission_id)
+            except JobsUnavailable as e:
+                print(f"cancelled request {req.id} ({req.name}); could not stop job {att.submission_id} now ({e}): "
+                      "the manager stops it at its next poll")
+                return 0
             queue.event(req.id, "stopping", f"`styleray queue cancel` stopped {att.submission_id}")
             print(f"cancelled request {req.id} ({req.name}); {'stopping' if stopped else 'no running'} job "
                   f"{att.submission_id}")

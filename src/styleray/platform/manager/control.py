@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from styleray.platform.manager.jobs import (
+    JobsAuthError,
     JobsUnavailable,
     SubmitRejected,
     Verdict,
@@ -59,6 +60,7 @@ from styleray.platform.manager.requests import with_resume
 log = logging.getLogger(__name__)
 
 KIMG_EPS = 1e-6
+MAX_FAILED_ROUNDS = 10  # rounds in a row that raise before the manager gives up (a bug, not a hiccup)
 ENV_FORWARDED = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")  # no secrets
 
 
@@ -164,10 +166,20 @@ class Manager:
         """Poll until ``stop`` is set (SIGTERM in the CLI) or, with ``once``, a single time."""
         stop = stop or threading.Event()
         self.start()
+        errors = 0
         try:
             while True:
                 began = self.clock()
-                self.poll_once()
+                try:
+                    self.poll_once()
+                    errors = 0
+                except (LeaseLost, JobsAuthError):
+                    raise
+                except Exception:  # noqa: BLE001 - a daemon rides out a locked database or a storage hiccup
+                    errors += 1
+                    log.exception("round failed (%d in a row of at most %d)", errors, MAX_FAILED_ROUNDS)
+                    if once or errors >= MAX_FAILED_ROUNDS:
+                        raise
                 if once or stop.wait(max(0.0, self.options.poll_s - (self.clock() - began))):
                     break
         finally:
