@@ -1,7 +1,7 @@
 """The training manager on a real Ray cluster (`ray start --head` on 127.0.0.1, token auth on): issue 7's tests.
 
-The manager loop is driven step by step in this process (``Manager.poll_once``), except in the test that kills
-the manager, where it runs as a real `styleray manager` process. Runs use the cpu-tiny preset at 16 px and
+The manager loop is driven step by step in this process (``Manager.poll_once``), except where it runs as a Ray
+job (one round, in the first test) and in the test that kills it, where it is a real `styleray manager` process. Runs use the cpu-tiny preset at 16 px and
 train in the job's driver (``--no-ray``): a Ray Train job costs ~45 s more to start on a loaded 2-core machine,
 and the manager treats both alike (benchmarks/manager_recovery.py measures resuming Ray Train runs).
 """
@@ -20,7 +20,7 @@ import pytest
 from manager_cluster import VENV_BIN, RayHead
 from styleray.cli import main
 from styleray.platform.manager import Manager, ManagerOptions, Queue, State, report
-from styleray.platform.manager.jobs import JobsAuthError, RayJobs
+from styleray.platform.manager.jobs import JobsAuthError, JobsUnavailable, RayJobs
 
 pytestmark = pytest.mark.slow
 
@@ -88,6 +88,14 @@ def wait_for(condition, what: str, timeout: float = 150.0, diagnose=lambda: "") 
     raise AssertionError(f"not {what} after {timeout:.0f}s\n{diagnose()}")
 
 
+def _try_submit(jobs: RayJobs, submission_id: str, entrypoint: str) -> bool:
+    try:
+        jobs.submit(submission_id, entrypoint)
+    except JobsUnavailable:  # "No available agent" while the head node settles
+        return False
+    return True
+
+
 def _diagnose(queue: Queue, jobs: RayJobs) -> str:
     text = report.list_table(queue)
     for att in queue.attempts()[-1:]:
@@ -111,6 +119,14 @@ def test_a_request_runs_to_its_target_kimg(head, jobs, tiny_data, tmp_path, monk
     db, out = tmp_path / "queue.db", tmp_path / "run"
     rid = add(db, "one", train_flags(tiny_data, out, kimg=0.06))
     with Queue(str(db)) as q:
+        # The manager as a Ray job (the cluster's default address and token): one round submits the request
+        mgr_job = f"manager-{q.queue_id}"
+        wait_for(lambda: _try_submit(jobs, mgr_job, f"styleray manager --once --db {db}"), "manager job submitted")
+        wait_for(lambda: jobs.info(mgr_job).terminal,
+                 "manager job done", diagnose=lambda: jobs.logs(mgr_job))
+        assert jobs.info(mgr_job).status == "SUCCEEDED", jobs.logs(mgr_job)
+        assert q.get(rid).state == State.RUNNING and q.lease() is None
+        # ... and in this process from then on
         manager = Manager(q, jobs, options(head))
         drive(manager, lambda: q.get(rid).state.terminal, "finished")
         req = q.get(rid)
