@@ -68,7 +68,7 @@ def run_mode(head: RayHead, data: str, root: str, mode: str, interruptions: int,
     for i in range(interruptions):
         att = queue.current_attempt(rid)
         base = att.start_kimg or 0.0 if att else 0.0
-        step_until(lambda: queue.get(rid).state == State.RUNNING and (queue.get(rid).checkpoint_kimg or 0) > base
+        step_until(lambda b=base: queue.get(rid).state == State.RUNNING and (queue.get(rid).checkpoint_kimg or 0) > b
                    + TICK / 2, "checkpointed")
         att = queue.current_attempt(rid)
         if i % 2 == 0:
@@ -78,14 +78,15 @@ def run_mode(head: RayHead, data: str, root: str, mode: str, interruptions: int,
         else:
             kinds.append("ray job stop")
             jobs.stop(att.submission_id)
-        step_until(lambda: queue.get(rid).state == State.RUNNING and queue.current_attempt(rid).attempt == att.attempt + 1,
+        resumed = att.attempt + 1
+        step_until(lambda n=resumed: queue.get(rid).state == State.RUNNING and queue.current_attempt(rid).attempt == n,
                    "resumed")
     queue.cancel(rid)
     step_until(lambda: queue.current_attempt(rid).finished, "stopped")
 
     events = [e for e in queue.events(rid) if e.kind == "interrupted"]
     rows = []
-    for att, kind, ev in zip(queue.attempts(rid)[1:], kinds, events):
+    for att, kind, ev in zip(queue.attempts(rid)[1:], kinds, events, strict=True):
         rows.append({
             "mode": mode, "attempt": att.attempt, "interruption": kind,
             "detect_s": ev.at - att.interrupted_at, "submit_s": att.submitted_at - ev.at,

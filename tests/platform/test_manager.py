@@ -1,9 +1,10 @@
 """The training manager on a real Ray cluster (`ray start --head` on 127.0.0.1, token auth on): issue 7's tests.
 
 The manager loop is driven step by step in this process (``Manager.poll_once``), except where it runs as a Ray
-job (one round, in the first test) and in the test that kills it, where it is a real `styleray manager` process. Runs use the cpu-tiny preset at 16 px and
-train in the job's driver (``--no-ray``): a Ray Train job costs ~45 s more to start on a loaded 2-core machine,
-and the manager treats both alike (benchmarks/manager_recovery.py measures resuming Ray Train runs).
+job (one round, in the first test) and in the test that kills it, where it is a real `styleray manager`
+process. Runs use the cpu-tiny preset at 16 px and train in the job's driver (``--no-ray``): a Ray Train job
+costs ~20-45 s more to start on a loaded 2-core machine, and the manager treats both alike
+(benchmarks/manager_recovery.py measures resuming Ray Train runs).
 """
 
 from __future__ import annotations
@@ -255,7 +256,8 @@ def test_bad_requests_fail_fast_with_the_reason(head, jobs, tiny_data, tmp_path)
               "--learning-rate", "0.1"])
     assert e.value.code == 2
     with pytest.raises(SystemExit):  # data that does not exist
-        main(["queue", "add", "--db", str(db), "--name", "nodata", *train_flags(tmp_path / "missing", tmp_path / "b", 0.04)])
+        main(["queue", "add", "--db", str(db), "--name", "nodata",
+              *train_flags(tmp_path / "missing", tmp_path / "b", 0.04)])
     # data that vanishes after the request was queued: the job itself fails at once (exit 2), no retries
     data = shutil.copytree(tiny_data, tmp_path / "data")
     gone = add(db, "gone", train_flags(data, tmp_path / "c", 0.04))

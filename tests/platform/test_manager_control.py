@@ -313,12 +313,15 @@ def test_only_one_manager_drives_a_queue(env):
         (JobState("FAILED", exit_code=-9), False, "interrupted", "signal 9"),
         (JobState("FAILED", exit_code=137), False, "interrupted", "killed"),
         (JobState("FAILED", exit_code=1, message="PlacementTimeout: no room"), False, "interrupted", "exit code 1"),
-        (JobState("FAILED", exit_code=2, message="x\nstyleray train: error: --batch 5 bad"), False, "failed", "--batch 5"),
+        (JobState("FAILED", exit_code=2, message="x\nstyleray train: error: --batch 5 bad"), False, "failed",
+         "--batch 5"),
         (JobState("FAILED", exit_code=127, message="styleray: not found"), False, "failed", "PATH"),
         (JobState("FAILED", exit_code=1, message="ERROR training became unstable (nan) and --max-rollbacks 3 is spent"),
          False, "failed", "diverged"),
-        (JobState("FAILED", error_type="RUNTIME_ENV_SETUP_FAILURE", message="pip failed"), False, "failed", "runtime env"),
-        (JobState("FAILED", error_type="JOB_SUPERVISOR_ACTOR_DIED", message="node died"), False, "interrupted", "node died"),
+        (JobState("FAILED", error_type="RUNTIME_ENV_SETUP_FAILURE", message="pip failed"), False, "failed",
+         "runtime env"),
+        (JobState("FAILED", error_type="JOB_SUPERVISOR_ACTOR_DIED", message="node died"), False, "interrupted",
+         "node died"),
     ],
 )
 def test_how_an_ended_job_is_judged(job, reached, outcome, words):
@@ -327,7 +330,8 @@ def test_how_an_ended_job_is_judged(job, reached, outcome, words):
 
 
 def test_error_line_picks_the_error():
-    assert error_line("Job failed, last available logs:\nfoo\nstyleray train: error: bad\nbye") == "styleray train: error: bad"
+    message = "Job failed, last available logs:\nfoo\nstyleray train: error: bad\nbye"
+    assert error_line(message) == "styleray train: error: bad"
     assert error_line("") == "no message"
 
 

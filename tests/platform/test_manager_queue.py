@@ -73,7 +73,8 @@ def test_requests_are_checked_against_the_train_flags(tmp_path):
     spec = check_request("x", ["--data", "s3://b/d", "--out", "s3://b/r"], check_data=False)
     assert "--kimg is required" in spec.error
     spec = check_request("x", ["--data", "rel/d", "--out=s3://b/r", "--kimg", "3"], check_data=False)
-    assert spec.error is None and spec.train_args == ("--data", os.path.abspath("rel/d"), "--out=s3://b/r", "--kimg", "3")
+    assert spec.error is None
+    assert spec.train_args == ("--data", os.path.abspath("rel/d"), "--out=s3://b/r", "--kimg", "3")
 
 
 def test_a_request_resolves_its_config_from_the_data(tiny_data, tmp_path):
@@ -145,10 +146,11 @@ def test_the_token_is_found_as_ray_finds_it(tmp_path, monkeypatch):
 def test_queue_commands(tiny_data, tmp_path, capsys):
     db = str(tmp_path / "q.db")
     base = ["--preset", "cpu-tiny", "--batch", "4", "--kimg", "0.5"]
-    assert main(["queue", "add", "--db", db, "--name", "a", "--data", tiny_data, "--out", str(tmp_path / "a"), *base]) == 0
+    assert main(["queue", "add", "--db", db, "--name", "a", "--data", tiny_data, "--out", str(tmp_path / "a"),
+                 *base]) == 0
     yaml_path = tmp_path / "b.yaml"
-    yaml_path.write_text(f"name: b\npriority: 2\ntrain:\n  data: {tiny_data}\n  out: {tmp_path / 'b'}\n  preset: cpu-tiny\n"
-                         "  batch: 4\n  kimg: 1\n")
+    yaml_path.write_text(f"name: b\npriority: 2\ntrain:\n  data: {tiny_data}\n  out: {tmp_path / 'b'}\n"
+                         "  preset: cpu-tiny\n  batch: 4\n  kimg: 1\n")
     assert main(["queue", "add", "--db", db, "--config", str(yaml_path), "--kimg", "2"]) == 0  # the flag wins
     capsys.readouterr()
     assert main(["queue", "list", "--db", db]) == 0

@@ -96,7 +96,8 @@ def run_manager(args) -> int:
     options = options_from(
         address=args.address, max_running=args.max_running, poll_s=args.poll, backoff_s=args.backoff,
         backoff_max_s=args.backoff_max, entrypoint_num_cpus=args.entrypoint_num_cpus,
-        runtime_env=build_runtime_env(ship_package=args.ship_package, working_dir=args.working_dir, extra=extra) or None,
+        runtime_env=build_runtime_env(ship_package=args.ship_package, working_dir=args.working_dir, extra=extra)
+        or None,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # `ray job stop` sends SIGTERM: finish the round, release the lease

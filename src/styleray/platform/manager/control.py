@@ -285,7 +285,8 @@ class Manager:
         start = f"{att.start_kimg:.3f}" if att.start_kimg is not None else "none"
         return self._decide(
             req, State.RETRYING, State.RUNNING, "resumed",
-            f"attempt {att.attempt} trains again: tick at {float(tick['kimg']):.3f} kimg (checkpoint {start} kimg){since}",
+            f"attempt {att.attempt} trains again: tick at {float(tick['kimg']):.3f} kimg "
+            f"(checkpoint {start} kimg){since}",
         )
 
     def _ended(self, req: Request, att: Attempt, verdict: Verdict, ended_at: float) -> None:
@@ -381,8 +382,8 @@ class Manager:
             self._note(req, "submit-later", f"{att.submission_id} not submitted yet ({e}); next poll tries again")
             return
         self.queue.update_attempt(att, status="PENDING", submitted_at=self.clock())
-        self._note(req, "submitted" if fresh else "adopted",
-                   f"{att.submission_id} {'submitted' if fresh else 'was already on the cluster: adopted'}: {att.entrypoint}")
+        how = "submitted" if fresh else "was already on the cluster: adopted"
+        self._note(req, "submitted" if fresh else "adopted", f"{att.submission_id} {how}: {att.entrypoint}")
 
 
 def options_from(**kwargs) -> ManagerOptions:

@@ -131,7 +131,8 @@ class RayJobs:
             except AuthenticationError as e:
                 raise _auth_error(self.address or "the default address", e) from None
             except (ConnectionError, RuntimeError, OSError) as e:
-                raise JobsUnavailable(f"cannot reach the Jobs API at {self.address or 'the default address'}: {e}") from e
+                where = self.address or "the default address"
+                raise JobsUnavailable(f"cannot reach the Jobs API at {where}: {e}") from e
         return self._client
 
     def _call(self, fn, *args, **kwargs):

@@ -358,7 +358,8 @@ class Queue:
         req = self.get(request_id)
         if req.state.terminal:
             raise QueueError(f"request {request_id} ({req.name}) is already {req.state.value}")
-        if not self.transition(request_id, req.state, State.CANCELLED, event=("cancelled", "by `styleray queue cancel`")):
+        event = ("cancelled", "by `styleray queue cancel`")
+        if not self.transition(request_id, req.state, State.CANCELLED, event=event):
             return self.cancel(request_id)  # it changed under us: look again
         att = self.current_attempt(request_id)
         return self.get(request_id), (att if att is not None and not att.finished else None)
@@ -419,9 +420,10 @@ class Queue:
 
     def unfinished_attempts_of(self, states: tuple[State, ...]) -> list[tuple[Request, Attempt]]:
         """Attempts whose job may still run, of requests in ``states`` (e.g. cancelled ones to stop)."""
+        in_states, in_terminal = ",".join("?" * len(states)), ",".join("?" * len(JOB_TERMINAL))
         rows = self._db.execute(
-            f"SELECT a.request_id, a.attempt FROM attempts a JOIN requests r ON r.id = a.request_id "
-            f"WHERE r.state IN ({','.join('?' * len(states))}) AND a.status NOT IN ({','.join('?' * len(JOB_TERMINAL))})",
+            "SELECT a.request_id, a.attempt FROM attempts a JOIN requests r ON r.id = a.request_id "
+            f"WHERE r.state IN ({in_states}) AND a.status NOT IN ({in_terminal})",
             (*(s.value for s in states), *JOB_TERMINAL),
         ).fetchall()
         return [(self.get(r["request_id"]), self.attempt(r["request_id"], r["attempt"])) for r in rows]
@@ -461,10 +463,10 @@ class Queue:
                 alive = (held.pid != pid and _pid_alive(held.pid)) if held.host == host else True
                 fresh = now - held.heartbeat_at < stale_after_s
                 if alive and fresh:
+                    silent = now - held.heartbeat_at
                     raise LeaseHeld(
-                        f"another manager (pid {held.pid} on {held.host}, last heartbeat {now - held.heartbeat_at:.0f}s "
-                        f"ago) drives {self.path}: stop it, or wait {stale_after_s - (now - held.heartbeat_at):.0f}s "
-                        "for its lease to expire"
+                        f"another manager (pid {held.pid} on {held.host}, last heartbeat {silent:.0f}s ago) drives "
+                        f"{self.path}: stop it, or wait {stale_after_s - silent:.0f}s for its lease to expire"
                     )
                 why = "its process is gone" if not alive else f"silent for {now - held.heartbeat_at:.0f}s"
                 self._event(db, None, "manager", f"took over from pid {held.pid} on {held.host} ({why})")

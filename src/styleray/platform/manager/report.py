@@ -94,7 +94,8 @@ def show(queue: Queue, request_id: int, now: float | None = None) -> str:
         f"request {r.id}: {r.name}",
         f"  state      {_state_text(r, now)}",
         f"  progress   {progress_bar(r.kimg, r.target_kimg)}",
-        f"  checkpoint {r.checkpoint or '-'}" + (f" ({r.checkpoint_kimg:.3f} kimg)" if r.checkpoint_kimg is not None else ""),
+        f"  checkpoint {r.checkpoint or '-'}"
+        + (f" ({r.checkpoint_kimg:.3f} kimg)" if r.checkpoint_kimg is not None else ""),
         f"  priority   {r.priority}    attempts {r.attempts} (stalled {r.stalled} of at most {r.max_attempts})",
         f"  run        {r.out}",
         f"  data       {r.data or '-'}",

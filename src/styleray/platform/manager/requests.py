@@ -87,7 +87,8 @@ def load_yaml(path: str) -> tuple[dict[str, Any], list[str]]:
 
 
 def flags_from_mapping(train: dict[str, Any]) -> list[str]:
-    """{"data": "d", "mirror": True, "cpus_per_worker": 0.5} -> ["--data", "d", "--mirror", "--cpus-per-worker", "0.5"]."""
+    """Train flags from a mapping: {"data": "d", "mirror": True, "cpus_per_worker": 0.5} ->
+    ["--data", "d", "--mirror", "--cpus-per-worker", "0.5"] (False and None: left out)."""
     args: list[str] = []
     for key, value in train.items():
         flag = "--" + str(key).replace("_", "-")
@@ -145,7 +146,8 @@ def check_request(
         raise ValueError("a request needs --out: the run folder its checkpoints and metrics go to")
     base = dict(name=name, priority=priority, max_attempts=max_attempts, out=storage.absolute(out))
     if any(a in ("-h", "--help") for a in args):
-        return RequestSpec(**base, train_args=tuple(args), target_kimg=0.0, error="--help is not a train flag for a request")
+        return RequestSpec(**base, train_args=tuple(args), target_kimg=0.0,
+                           error="--help is not a train flag for a request")
     try:
         ns = train_parser().parse_args(args)
     except ValueError as e:
