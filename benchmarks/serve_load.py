@@ -3,11 +3,12 @@ off, and the time to the first byte of a 30-frame morph.
 
     python benchmarks/serve_load.py [--resolution 32] [--concurrency 1,8,32] [--requests 400] [--seconds 15]
 
-Starts a private Ray cluster (``--cpus``, default 2) and Serve on 127.0.0.1, serves a freshly initialised
-cpu-tiny checkpoint (or ``--checkpoint``), and prints one markdown table. Every level is bounded by both a
-request count and a time limit; traffic goes to 127.0.0.1 only. The client runs on the same machine, so on a
-small machine it competes with the server for CPU: compare rows of one run, not absolute figures across
-machines.
+Starts a private Ray cluster (``--cpus``, default 2) and Serve on 127.0.0.1 with two copies of the
+application side by side, batching on (``/on``) and off (``/off``), both serving a freshly initialised cpu-tiny
+checkpoint (or ``--checkpoint``). For each client count the two are measured in alternating rounds, so that
+load from other work on a shared machine falls on both alike. Every level is bounded by a request count and
+a time limit; traffic goes to 127.0.0.1 only. The client runs on the same machine and competes with the
+server for CPU: compare rows of one run, not absolute figures across machines. Prints one markdown table.
 """
 
 from __future__ import annotations
@@ -45,42 +46,52 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
-async def load(base: str, concurrency: int, max_requests: int, max_seconds: float) -> dict:
+class Tally:
+    """Latencies and counts of one configuration at one client count, over several rounds."""
+
+    def __init__(self):
+        self.latencies: list[float] = []
+        self.batch_sizes: list[int] = []
+        self.errors = 0
+        self.wall = 0.0
+
+    def row(self) -> dict:
+        lat = self.latencies
+        return {
+            "requests": len(lat),
+            "errors": self.errors,
+            "rps": len(lat) / self.wall if self.wall else 0.0,
+            "p50_ms": 1000 * statistics.median(lat) if lat else float("nan"),
+            "p99_ms": 1000 * percentile(lat, 99) if lat else float("nan"),
+            "mean_batch": statistics.fmean(self.batch_sizes) if self.batch_sizes else float("nan"),
+        }
+
+
+async def load(base: str, concurrency: int, max_requests: int, max_seconds: float, tally: Tally, seed: int = 0) -> None:
     """``concurrency`` clients in closed loops of GET /v1/sample with random seeds, until either bound."""
     import httpx
 
-    latencies: list[float] = []
-    batch_sizes: list[int] = []
-    errors = 0
     issued = 0
-    rng = random.Random(concurrency)
+    rng = random.Random(seed)
     deadline = time.perf_counter() + max_seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
 
         async def worker():
-            nonlocal errors, issued
+            nonlocal issued
             while issued < max_requests and time.perf_counter() < deadline:
                 issued += 1
                 t0 = time.perf_counter()
                 r = await client.get("/v1/sample", params={"seed": rng.randrange(2**32)})
                 if r.status_code == 200:
-                    latencies.append(time.perf_counter() - t0)
-                    batch_sizes.append(int(r.headers.get("X-Batch-Size", "1")))
+                    tally.latencies.append(time.perf_counter() - t0)
+                    tally.batch_sizes.append(int(r.headers.get("X-Batch-Size", "1")))
                 else:
-                    errors += 1
+                    tally.errors += 1
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - started
-    return {
-        "requests": len(latencies),
-        "errors": errors,
-        "rps": len(latencies) / wall,
-        "p50_ms": 1000 * statistics.median(latencies),
-        "p99_ms": 1000 * percentile(latencies, 99),
-        "mean_batch": statistics.fmean(batch_sizes),
-    }
+        tally.wall += time.perf_counter() - started
 
 
 async def morph_ttfb(base: str, repeats: int) -> tuple[float, float]:
@@ -106,8 +117,9 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="serve this checkpoint (default: a fresh cpu-tiny one)")
     p.add_argument("--resolution", type=int, default=32, help="resolution of the fresh checkpoint")
     p.add_argument("--concurrency", default="1,8,32", help="client counts")
-    p.add_argument("--requests", type=int, default=400, help="at most this many requests per level")
-    p.add_argument("--seconds", type=float, default=15.0, help="at most this long per level")
+    p.add_argument("--requests", type=int, default=400, help="at most this many requests per configuration and level")
+    p.add_argument("--seconds", type=float, default=15.0, help="at most this long per configuration and level")
+    p.add_argument("--rounds", type=int, default=3, help="alternating on/off rounds per level (bounds split evenly)")
     p.add_argument("--warmup", type=int, default=20, help="requests before each configuration is measured")
     p.add_argument("--cpus", type=float, default=2, help="CPUs of the private Ray cluster")
     p.add_argument("--max-batch-size", type=int, default=32)
@@ -127,46 +139,55 @@ def main() -> None:
     checkpoint = args.checkpoint or make_checkpoint(tmp, args.resolution)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    modes = {"on": True, "off": False}
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     rows = []
     ttfb = None
+    load_avg = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for batching in (True, False):
+        for name, batching in modes.items():
             serve_args = ServeArgs(
                 checkpoint=checkpoint,
                 batching=batching,
                 max_batch_size=args.max_batch_size,
                 batch_wait_timeout_s=args.batch_wait_ms / 1000,
-                cpus_per_replica=1,
+                cpus_per_replica=min(1.0, args.cpus / 4),
             )
-            serve.run(build_app(serve_args), name="styleray", route_prefix="/")
-            asyncio.run(load(base, 4, args.warmup, 30))
-            for c in levels:
-                r = asyncio.run(load(base, c, args.requests, args.seconds))
-                rows.append({"batching": "on" if batching else "off", "concurrency": c, **r})
-                print(f"batching {'on ' if batching else 'off'} c={c:3d}: {r}", flush=True)
-            if batching:
-                ttfb = asyncio.run(morph_ttfb(base, args.morph_repeats))
+            serve.run(build_app(serve_args), name=name, route_prefix=f"/{name}")
+            asyncio.run(load(f"{base}/{name}", 4, args.warmup, 30, Tally()))
+        for c in levels:
+            tallies = {name: Tally() for name in modes}
+            for k in range(args.rounds):
+                for name in modes:
+                    asyncio.run(load(f"{base}/{name}", c, args.requests // args.rounds, args.seconds / args.rounds,
+                                     tallies[name], seed=1000 * c + k))
+            load_avg.append(os.getloadavg()[0])
+            for name in modes:
+                r = tallies[name].row()
+                rows.append({"batching": name, "concurrency": c, **r})
+                print(f"batching {name:3s} c={c:3d}: {r}", flush=True)
+        ttfb = asyncio.run(morph_ttfb(f"{base}/on", args.morph_repeats))
     finally:
         serve.shutdown()
         ray.shutdown()
 
     print()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end; "
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, 1-min load average after each level "
+          f"{', '.join(f'{x:.1f}' for x in load_avg)}; "
           f"checkpoint {checkpoint}; {args.resolution}px; max_batch_size {args.max_batch_size}, "
           f"batch wait {args.batch_wait_ms} ms")
     print()
     print("| batching | clients | requests | errors | req/s | p50 ms | p99 ms | mean batch |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["batching"] == "off", r["concurrency"])):
         print(f"| {r['batching']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['rps']:.1f} | "
               f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch']:.1f} |")
     by = {(r["batching"], r["concurrency"]): r["rps"] for r in rows}
     for c in levels:
         print(f"batching speed-up at {c} clients: {by[('on', c)] / by[('off', c)]:.2f}x")
     if ttfb is not None:
-        print(f"30-frame morph (GIF, batching app): time to first byte {ttfb[0]:.0f} ms, complete {ttfb[1]:.0f} ms (median of {args.morph_repeats})")
+        print(f"30-frame morph (GIF): time to first byte {ttfb[0]:.0f} ms, complete {ttfb[1]:.0f} ms (median of {args.morph_repeats})")
 
 
 if __name__ == "__main__":

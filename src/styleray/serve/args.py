@@ -36,7 +36,7 @@ class ServeArgs(BaseModel):
     batching: bool = Field(True, description="batch single-image requests across clients (@serve.batch)")
     max_batch_size: int = Field(32, ge=1, le=256, description="most single-image requests in one batch")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="longest wait for a batch to fill")
-    max_ongoing_requests: int = Field(64, ge=1, description="requests in flight per generator replica")
+    max_ongoing_requests: int = Field(256, ge=1, description="requests in flight per generator replica")
     # security and reload
     api_key: SecretStr | None = Field(None, description="required in X-API-Key on every route when set")
     api_key_env: str = Field(DEFAULT_API_KEY_ENV, description="env var read for the key when api_key is unset")

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -39,6 +39,10 @@ from styleray.serve.schemas import (
 )
 
 log = logging.getLogger("ray.serve")
+
+# @serve.batch batches that may wait for the model at once (they are merged, see Generator._coalesced);
+# ServeArgs.max_ongoing_requests defaults to max_batch_size * this, which keeps Serve from warning.
+SERVE_BATCHES_IN_FLIGHT = 8
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,8 @@ class Generator:
             self._replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside Serve (unit use): any unique name will do
             self._replica = uuid.uuid4().hex[:8]
+        self._waiting: deque[tuple[list[SampleRequest], asyncio.Future]] = deque()  # batches waiting for the model
+        self._drainer: asyncio.Task | None = None
         self._sample_batched.set_max_batch_size(args.max_batch_size)
         self._sample_batched.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
@@ -196,9 +202,43 @@ class Generator:
         headers = {"X-Seed": str(req.seed), "X-Batch-Size": str(batch_size)}
         return Encoded(data, MEDIA_TYPES[req.format], name, headers)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=SERVE_BATCHES_IN_FLIGHT)
     async def _sample_batched(self, reqs: list[SampleRequest]) -> list[Any]:
-        return await self._run(_sample_group, self._model, reqs)
+        return await self._coalesced(reqs)
+
+    async def _coalesced(self, reqs: list[SampleRequest]) -> list[Any]:
+        """Run a batch that @serve.batch formed, together with every other batch waiting for the model.
+
+        @serve.batch closes a batch ``batch_wait_timeout_s`` after its first request, whether or not the model
+        is free; under load several small batches then queue for the model thread. Here they wait in one
+        list, and the model takes all that is waiting (up to ``max_batch_size`` rows) in a single call.
+        """
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((reqs, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            group, rows = [], 0
+            while self._waiting and (not group or rows + len(self._waiting[0][0]) <= self._args.max_batch_size):
+                reqs, future = self._waiting.popleft()
+                group.append((reqs, future))
+                rows += len(reqs)
+            flat = [r for reqs, _ in group for r in reqs]
+            try:
+                results = await self._run(_sample_group, self._model, flat)
+            except Exception as e:  # noqa: BLE001 - hand the failure to the waiting requests, keep draining
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            start = 0
+            for reqs, future in group:
+                if not future.done():  # a cancelled request's future is already done
+                    future.set_result(results[start : start + len(reqs)])
+                start += len(reqs)
 
     # -- grids, morphs, mixing (already batches of their own) -----------------------------------------------
 
