@@ -61,6 +61,8 @@ def server(run_dir):
     from styleray.serve.args import ServeArgs
 
     port = free_port()
+    if ray.is_initialized():  # a cluster left behind by an earlier module
+        ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
