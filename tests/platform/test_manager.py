@@ -248,6 +248,16 @@ def test_requests_run_in_priority_order(head, jobs, tiny_data, tmp_path):
         (h,), (lo,) = q.attempts(high), q.attempts(low)
         assert h.submitted_at < lo.submitted_at and h.job_ended_at <= lo.submitted_at
 
+        # `styleray queue cancel` stops a running request's job itself (at the manager's address, with the token)
+        doomed = add(db, "doomed", train_flags(tiny_data, tmp_path / "doomed", kimg=5.0))
+        drive(manager, lambda: q.current_attempt(doomed) is not None and q.current_attempt(doomed).status == "RUNNING",
+              "running")
+        assert main(["queue", "cancel", "--db", str(db), str(doomed)]) == 0
+        drive(manager, lambda: q.current_attempt(doomed).finished, "stopped")
+        assert q.get(doomed).state == State.CANCELLED and q.current_attempt(doomed).status == "STOPPED"
+        kinds = [e.kind for e in q.events(doomed)]
+        assert kinds.index("cancelled") < kinds.index("stopping")
+
 
 def test_bad_requests_fail_fast_with_the_reason(head, jobs, tiny_data, tmp_path):
     db = tmp_path / "queue.db"

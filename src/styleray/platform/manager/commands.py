@@ -62,21 +62,22 @@ def queue_cancel(args) -> int:
         if att is None:
             print(f"cancelled request {req.id} ({req.name})")
             return 0
-        if args.address:
-            from styleray.platform.manager.jobs import JobsUnavailable, RayJobs
+        lease = queue.lease()
+        address = args.address or (lease.address if lease is not None else None)
+        later = f"the manager stops job {att.submission_id} at its next poll"
+        if not address:
+            print(f"cancelled request {req.id} ({req.name}); {later} (or pass --address http://HEAD:8265)")
+            return 0
+        from styleray.platform.manager.jobs import JobsAuthError, JobsUnavailable, RayJobs
 
-            try:
-                stopped = RayJobs(args.address).stop(att.submission_id)
-            except JobsUnavailable as e:
-                print(f"cancelled request {req.id} ({req.name}); could not stop job {att.submission_id} now ({e}): "
-                      "the manager stops it at its next poll")
-                return 0
-            queue.event(req.id, "stopping", f"`styleray queue cancel` stopped {att.submission_id}")
-            print(f"cancelled request {req.id} ({req.name}); {'stopping' if stopped else 'no running'} job "
-                  f"{att.submission_id}")
-        else:
-            print(f"cancelled request {req.id} ({req.name}); the manager stops job {att.submission_id} at its next "
-                  "poll (or pass --address http://HEAD:8265 to stop it now)")
+        try:
+            stopped = RayJobs(address).stop(att.submission_id)
+        except (JobsUnavailable, JobsAuthError) as e:
+            print(f"cancelled request {req.id} ({req.name}); could not stop the job now ({e}): {later}")
+            return 0
+        queue.event(req.id, "stopping", f"`styleray queue cancel` stopped {att.submission_id}")
+        print(f"cancelled request {req.id} ({req.name}); {'stopping' if stopped else 'no running'} job "
+              f"{att.submission_id}")
     return 0
 
 

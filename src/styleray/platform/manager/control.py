@@ -141,6 +141,7 @@ class Manager:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._started = False
         self._unavailable: str | None = None
+        self._stopping: set[str] = set()  # jobs this manager has asked to stop
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -324,8 +325,10 @@ class Manager:
                                       job_ended_at=self.clock(), message=f"request {req.state.value}")
         elif job.terminal:
             self.queue.update_attempt(att, status=job.status, job_ended_at=job.end_time, exit_code=job.exit_code)
-        elif self.jobs.stop(att.submission_id):
-            self._note(req, "stopping", f"request {req.state.value}: stopping {att.submission_id}")
+        elif att.submission_id not in self._stopping:  # ask once; Ray escalates to SIGKILL by itself
+            self._stopping.add(att.submission_id)
+            if self.jobs.stop(att.submission_id):
+                self._note(req, "stopping", f"request {req.state.value}: stopping {att.submission_id}")
 
     # ------------------------------------------------------------------------------------------ launch
 
