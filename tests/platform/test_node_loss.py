@@ -54,16 +54,12 @@ def _wait_for(path, thread, timeout=120):
         time.sleep(0.1)
 
 
-def _worker_nodes(c):
-    return [n for n in c.worker_nodes]
-
-
 def test_lost_node_is_replaced_and_the_run_completes_from_the_last_checkpoint(cluster, tiny_data, tiny_run, tmp_path):
     out = tmp_path / "run"
     run = tiny_run(tiny_data, out, workers=2, kimg=0.16, snap=1)
     thread, box = _fit_in_background(run, ray_train.RayOptions(max_failures=2, placement_timeout_s=120))
     _wait_for(out / "checkpoints" / "ckpt-000000000064" / "meta.json", thread)
-    victim = _worker_nodes(cluster)[-1]  # each worker node hosts one of the two training workers
+    victim = list(cluster.worker_nodes)[-1]  # each worker node hosts one of the two training workers
     cluster.remove_node(victim, allow_graceful=False)
     cluster.add_node(num_cpus=1)  # a fresh node: room for the lost worker again
     thread.join(timeout=240)
@@ -80,9 +76,9 @@ def test_lost_node_without_replacement_fails_after_the_placement_timeout(cluster
     thread, box = _fit_in_background(run, ray_train.RayOptions(max_failures=2, placement_timeout_s=5))
     _wait_for(out / "checkpoints" / "ckpt-000000000032" / "meta.json", thread)
     lost_at = time.time()
-    cluster.remove_node(_worker_nodes(cluster)[-1], allow_graceful=False)
-    thread.join(timeout=120)
+    cluster.remove_node(list(cluster.worker_nodes)[-1], allow_graceful=False)
+    thread.join(timeout=180)
     assert not thread.is_alive(), "the run hung after losing a node with no capacity left"
     assert isinstance(box.get("error"), ray_train.PlacementTimeout), box
     assert "--placement-timeout 5s" in str(box["error"]) and "--resume latest" in str(box["error"])
-    assert time.time() - lost_at < 90
+    assert time.time() - lost_at < 150  # failure detection + restart + the 5 s wait, on a busy 2-core machine

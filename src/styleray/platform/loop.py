@@ -7,8 +7,9 @@ are averaged over the ranks (so every rank judges stability the same way), snaps
 state and check that the replicas still hold identical weights, and only the chief writes files:
 
     RUN/config.json          the resolved RunConfig
-    RUN/metrics.jsonl        one line per tick: kimg, sec/kimg, img/s, losses, penalties, ADA p and r_t,
-                             memory, resumed_kimg, rollbacks, and unstable/unstable_reason/rollback_to
+    RUN/metrics.jsonl        one line per tick: kimg, sec/kimg, img/s, step_sec (the part of the tick spent
+                             in the training step; the rest is data and reporting), losses, penalties, ADA p
+                             and r_t, memory, resumed_kimg, rollbacks, and unstable/unstable_reason/rollback_to
     RUN/checkpoints/ckpt-N/  every --snap ticks (checkpoint.py); the newest --keep plus best and last good
     RUN/grids/ckpt-N.png     the sample grid of every snapshot (fixed seeds)
     RUN/best.json            the best stable checkpoint
@@ -219,12 +220,13 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ ticks
 
-    def tick_record(self, means: dict[str, float], nimg: int, elapsed: float) -> dict[str, Any]:
+    def tick_record(self, means: dict[str, float], nimg: int, elapsed: float, step_sec: float) -> dict[str, Any]:
         return {
             "tick": self.tick,
             "kimg": self.trainer.kimg,
             "sec_per_kimg": elapsed / max(nimg / 1000, 1e-9),
             "img_per_sec": nimg / max(elapsed, 1e-9),
+            "step_sec": step_sec,  # of the tick's wall time, spent inside the training step
             "time": time.time(),
             "memory_mb": peak_memory_mb(self.device),
             "resumed_kimg": self.resumed_kimg,
@@ -355,20 +357,22 @@ def run_training(
 
         bar = tqdm(total=round(cfg.kimg, 3), initial=round(tr.trainer.kimg, 3), unit="kimg", dynamic_ncols=True)
 
-    tick_start_nimg, tick_start_time = tr.trainer.cur_nimg, time.time()
+    tick_start_nimg, tick_start_time, step_sec = tr.trainer.cur_nimg, time.time(), 0.0
     stats = TickStats()
     while tr.trainer.cur_nimg < target_nimg:
         images, labels = batches.next()
         real = to_tensor(images, tr.device)
         c = torch.from_numpy(labels).to(tr.device) if labels is not None else None
+        step_start = time.perf_counter()
         stats.add(tr.trainer.step(real, c))
+        step_sec += time.perf_counter() - step_start
         first_step_at = first_step_at or time.time()
         done = tr.trainer.cur_nimg >= target_nimg
         if tr.trainer.cur_nimg - tick_start_nimg < tick_nimg and not done:
             continue
         tr.tick += 1
         means = mean_over_ranks(stats.means(), tr.device)
-        record = tr.tick_record(means, tr.trainer.cur_nimg - tick_start_nimg, time.time() - tick_start_time)
+        record = tr.tick_record(means, tr.trainer.cur_nimg - tick_start_nimg, time.time() - tick_start_time, step_sec)
         verdict = tr.monitor.observe(means)
         uri = None
         if verdict.unstable:
@@ -392,7 +396,7 @@ def run_training(
             )
             bar.refresh()
         stats = TickStats()
-        tick_start_nimg, tick_start_time = tr.trainer.cur_nimg, time.time()
+        tick_start_nimg, tick_start_time, step_sec = tr.trainer.cur_nimg, time.time(), 0.0
 
     if bar is not None:
         bar.close()

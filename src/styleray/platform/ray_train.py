@@ -128,7 +128,7 @@ def check_capacity(workers: int, options: RayOptions) -> None:
     )
     need = " + ".join(f"{k} {v:g}" for k, v in resources.items())
     hint = f"use --workers {fits}" if fits > 0 else "add nodes"
-    if "GPU" not in resources and fits < workers:
+    if "GPU" not in resources:
         cpus = sum(t.get("CPU", 0.0) for t in totals)
         hint += f", or --cpus-per-worker {math.floor(cpus / workers * 0.9 * 100) / 100:g}"
     raise ValueError(
@@ -168,6 +168,27 @@ def _maybe_fail(spec: dict[str, Any] | None, rank: int, kimg: float) -> None:
     os._exit(1)
 
 
+# Tick statistics exported as Ray metrics (the dashboard's Metrics view, Prometheus), tagged by run name.
+DASHBOARD_METRICS = ("kimg", "sec_per_kimg", "img_per_sec", "loss_G", "loss_D", "r1_penalty", "pl_penalty",
+                     "augment_p", "r_t", "memory_mb", "rollbacks")
+
+
+def _dashboard_gauges(run_name: str):
+    """A function that sets one gauge per DASHBOARD_METRICS key from a tick record."""
+    from ray.util.metrics import Gauge
+
+    gauges = {k: Gauge(f"styleray_{k}", description=f"styleray tick statistic {k}", tag_keys=("run",))
+              for k in DASHBOARD_METRICS}
+
+    def update(record: dict[str, Any]) -> None:
+        for k, gauge in gauges.items():
+            value = record.get(k)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                gauge.set(float(value), tags={"run": run_name})
+
+    return update
+
+
 def _reporter(config: dict[str, Any], rank: int):
     """The loop's report hook: ray.train.report every tick (a barrier on every rank), with rank 0's
     checkpoint registered in place (NO_UPLOAD: it already lies in the run folder)."""
@@ -176,11 +197,13 @@ def _reporter(config: dict[str, Any], rank: int):
     from ray.train.v2.api.report_config import CheckpointUploadMode
 
     ctx = ray.train.get_context().get_storage()
+    gauges = _dashboard_gauges(ctx.experiment_dir_name) if rank == 0 else None
 
     def report(record: dict[str, Any], uri: str | None) -> None:
         _maybe_fail(config.get("inject_failure"), rank, record["kimg"])
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, str, bool)) or v is None}
-        if rank == 0:
+        if gauges is not None:
+            gauges(record)
             log.info(
                 "tick %d  kimg %.3f  %.1f s/kimg  %.1f img/s  G %.3f  D %.3f  p %.3f%s",
                 record["tick"], record["kimg"], record["sec_per_kimg"], record["img_per_sec"],
