@@ -66,6 +66,12 @@ def _design(xs: np.ndarray, ys: np.ndarray, w: int, h: int, quadratic: bool) -> 
     return np.stack(cols, axis=1)  # [n, terms]
 
 
+def _apply(a: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """a @ coef without BLAS: these products are tiny, and a threaded BLAS spinning on a busy machine cost
+    more CPU than the whole remover (measured: 50.9 vs 34.7 CPU-s on 200 images of 1024 px)."""
+    return np.einsum("ni,ic->nc", a, coef)
+
+
 def _robust_fit(a: np.ndarray, colors: np.ndarray, iters: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Least squares colors ~ a @ coef, refitted on inliers. Returns (coef [terms, 3], inlier mask [n])."""
     inl = np.ones(len(a), dtype=bool)
@@ -74,8 +80,9 @@ def _robust_fit(a: np.ndarray, colors: np.ndarray, iters: int = 4) -> tuple[np.n
         if inl.sum() < a.shape[1] * 4:
             break
         ai = a[inl]  # normal equations: a few terms, thousands of rows (lstsq is slower here)
-        coef = np.linalg.solve(ai.T @ ai + 1e-6 * np.eye(a.shape[1], dtype=a.dtype), ai.T @ colors[inl])
-        res = np.linalg.norm(colors - a @ coef, axis=1)
+        gram = np.einsum("ni,nj->ij", ai, ai) + 1e-6 * np.eye(a.shape[1], dtype=a.dtype)
+        coef = np.linalg.solve(gram, np.einsum("ni,nc->ic", ai, colors[inl]))
+        res = np.linalg.norm(colors - _apply(a, coef), axis=1)
         mad = float(np.median(np.abs(res[inl] - np.median(res[inl]))))
         cut = max(np.median(res[inl]) + 4.0 * 1.4826 * mad, 8.0)
         new = res <= cut
@@ -95,7 +102,7 @@ def estimate_background(rgb: np.ndarray, params: ClassicParams = ClassicParams()
     for quadratic in (False, True):
         a = _design(xs, ys, w, h, quadratic)
         coef, inl = _robust_fit(a, colors)
-        res = np.linalg.norm(colors - a @ coef, axis=1)
+        res = np.linalg.norm(colors - _apply(a, coef), axis=1)
         score = float(np.mean(res[inl])) if inl.any() else np.inf
         # The quadratic must earn its three extra terms: clearly smaller residuals, no fewer inliers.
         if best is None or (score < 0.7 * best[0] and inl.mean() >= best[3].mean() - 0.02):

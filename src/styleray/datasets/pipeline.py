@@ -280,24 +280,44 @@ def finish_batch(batch: dict, job: Job) -> dict:
     return _records([finish(job, it, store) for it in _unpack(batch)])
 
 
+def _placement(job: Job) -> dict:
+    """Remote args that keep every task on this node when SOURCE or OUT is a local path (other nodes of a
+    cluster do not have it); with s3:// on both sides the pipeline may use the whole cluster."""
+    if job.source.kind == "s3" and job.out.kind == "s3" or (job.source.kind == "zip" and job.source.s3
+                                                               and job.out.kind == "s3"):
+        return {}
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+        log.warning("prepare: SOURCE or OUT is a local path, so the pipeline runs on this node only; use "
+                    "s3:// for both to spread it over the cluster")
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                  soft=False)}
+
+
 def build_dataset(job: Job, sources: list[str], *, workers: int, batch_size: int):
     """The Ray Data pipeline over `sources`: a Dataset of {"record": JSON text}."""
     import ray.data
 
     fingerprint = job.fingerprint()
+    where = _placement(job)
     n_blocks = max(1, min(len(sources), -(-len(sources) // batch_size)))
     ds = ray.data.from_items([{"source": s} for s in sources], override_num_blocks=n_blocks)
     if job.remover != "rembg":
         return ds.map_batches(classic_batch, fn_kwargs={"job": job, "fingerprint": fingerprint},
-                              batch_size=batch_size, num_cpus=1, compute=ray.data.TaskPoolStrategy(size=workers))
-    # rembg: CPU work in tasks, the ONNX sessions in an actor pool. Fractional CPUs so that the actors
-    # never hold every CPU while the decode tasks wait for one (RAY_NOTES: whole-CPU actors deadlock on 2 CPUs).
+                              batch_size=batch_size, num_cpus=1, compute=ray.data.TaskPoolStrategy(size=workers),
+                              **where)
+    # rembg: CPU work in tasks, the ONNX sessions in an actor pool. Fractional CPUs so that the actors never
+    # hold every CPU while the tasks wait for one (RAY_NOTES: whole-CPU actors deadlock on 2 CPUs). The decode
+    # tasks ask for a different share than the actors so that Ray Data does not fuse them into the actors: an
+    # actor (one day on a GPU) should only run its model while decoding proceeds in parallel.
     ds = ds.map_batches(load_batch, fn_kwargs={"job": job, "fingerprint": fingerprint}, batch_size=batch_size,
-                        num_cpus=0.5, compute=ray.data.TaskPoolStrategy(size=workers))
+                        num_cpus=0.25, compute=ray.data.TaskPoolStrategy(size=workers), **where)
     ds = ds.map_batches(RembgBatch, fn_constructor_kwargs={"job": job}, batch_size=batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0.5)
+                        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0.5, **where)
     return ds.map_batches(finish_batch, fn_kwargs={"job": job}, batch_size=batch_size, num_cpus=0.5,
-                          compute=ray.data.TaskPoolStrategy(size=workers))
+                          compute=ray.data.TaskPoolStrategy(size=workers), **where)
 
 
 def run_ray(job: Job, sources: list[str], *, workers: int, batch_size: int):

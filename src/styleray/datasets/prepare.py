@@ -51,6 +51,7 @@ class PrepareReport:
     remover: str  # what ran: classic, or rembg:<model>
     engine: str
     workers: int
+    batch_size: int = 0  # images per Ray Data task (0: the local engine)
     listed: int = 0  # image files found in SOURCE
     ignored: int = 0  # other files (hidden, not an image extension)
     processed: int = 0  # images worked on in this run
@@ -208,11 +209,27 @@ def _resolve_remover(cfg: PrepareConfig):
     return default_remover()
 
 
-def _run_pipeline(cfg: PrepareConfig, job: Job, sources: list[str], workers: int, bar) -> list[dict]:
+BATCH_BYTES = 1 << 20  # auto batch: about this much encoded input per task
+MAX_BATCH = 64
+
+
+def auto_batch_size(sizes: list[int], workers: int, remover: str) -> int:
+    """Images per task: ~1 MiB of encoded input (tiny images in big batches, so Ray's per-task overhead is
+    amortised; big ones in small batches), at most 64, and small enough to give every worker 4 batches."""
+    if remover == "rembg":
+        return 4  # the model dominates; small batches keep the actors evenly loaded
+    mean = max(1.0, sum(sizes) / max(len(sizes), 1))
+    by_bytes = int(BATCH_BYTES / mean)
+    by_spread = len(sizes) // (4 * max(workers, 1))
+    return max(1, min(MAX_BATCH, by_bytes, max(by_spread, 1)))
+
+
+def _run_pipeline(cfg: PrepareConfig, job: Job, sources: list[str], workers: int, bar,
+                  batch_size: int = 8) -> list[dict]:
     if cfg.engine == "local":
         stream = run_loop(job, sources)
     else:
-        stream = run_ray(job, sources, workers=workers, batch_size=cfg.batch_size)
+        stream = run_ray(job, sources, workers=workers, batch_size=batch_size)
     out = []
     counts = Counter()
     for r in stream:
@@ -257,7 +274,8 @@ def prepare_dataset(cfg: PrepareConfig) -> PrepareReport:
 
         bar = tqdm(total=len(sources), desc="prepare", unit="img", dynamic_ncols=True)
     try:
-        records = _run_pipeline(cfg, job, sources, workers, bar)
+        batch = cfg.batch_size or auto_batch_size([n for _, n in listing.files], workers, remover)
+        records = _run_pipeline(cfg, job, sources, workers, bar, batch)
         t_pipeline = time.perf_counter()
         by_source = {r["source"]: r for r in records}
         records = [by_source[s] for s in sources]
@@ -273,7 +291,7 @@ def prepare_dataset(cfg: PrepareConfig) -> PrepareReport:
             for r in records:
                 if r.get("file") in missing:
                     store.remove(f"{RECORDS_DIR}/{r['key']}.json")
-            again = {r["source"]: r for r in _run_pipeline(cfg, job, redo, workers, None)}
+            again = {r["source"]: r for r in _run_pipeline(cfg, job, redo, workers, None, batch)}
             records = [again.get(r["source"], r) for r in records]
         if missing:
             raise RuntimeError(f"prepare: {len(missing)} outputs are still missing after a retry, e.g. "
@@ -298,7 +316,7 @@ def prepare_dataset(cfg: PrepareConfig) -> PrepareReport:
     status = Counter(r["status"] for r in records)
     report = PrepareReport(
         source=src.uri, out=store.uri(), remover=remover if model is None else f"rembg:{model.label}",
-        engine=cfg.engine, workers=workers, listed=len(sources), ignored=listing.ignored,
+        engine=cfg.engine, workers=workers, batch_size=batch if cfg.engine == "ray" else 0, listed=len(sources), ignored=listing.ignored,
         processed=sum(not r.get("cached") for r in records), cached=sum(bool(r.get("cached")) for r in records),
         accepted=status["accepted"], rejected=status["rejected"], filtered=status["filtered"],
         rejections=dict(sorted(Counter(r["reason"] for r in records if r["status"] == "rejected").items())),

@@ -39,7 +39,7 @@ class PrepareConfig:
     min_cartoon: float = 0.3  # --min-cartoon: smallest cartoon score (top-16 colour share), 0 = off
     dup_distance: int = 20  # --dup-distance: near-duplicate hash distance in bits; -1 = off
     seed: int = 0  # --seed: k-means seed
-    batch_size: int = 8  # images per Ray Data batch
+    batch_size: int | None = None  # images per Ray Data task; None = from the files' mean size (see prepare.py)
     examples: int = 24  # contact-sheet examples per section
     progress: bool = True  # show a progress bar
     work_size: int | None = None  # decode large images down to this longer side; None = max(1024, 2 x resolution)
@@ -71,7 +71,7 @@ class PrepareConfig:
                 raise ValueError(f"{flag} {value} must be within 0..1")
         if self.dup_distance < -1 or self.dup_distance > HASH_BITS:
             raise ValueError(f"--dup-distance {self.dup_distance} must be within -1..{HASH_BITS} (-1: off)")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size {self.batch_size} must be >= 1")
         if self.work_size is not None and self.work_size < self.resolution:
             raise ValueError(f"work_size {self.work_size} must be >= --resolution {self.resolution}")
