@@ -34,6 +34,10 @@ from styleray.models.networks import Discriminator, Generator, requires_grad
 
 log = logging.getLogger(__name__)
 
+# Compiled graphs draw random numbers (the synthesis noise) from torch's generator, like eager mode: the same
+# noise with or without compile, and an exact resume from the saved RNG state.
+_COMPILE_OPTIONS = {"fallback_random": True}
+
 
 @dataclass(frozen=True)
 class Phase:
@@ -56,9 +60,20 @@ def _dist_ready() -> bool:
 class StyleGAN2Trainer:
     """Networks, optimizers, ADA and counters of one training run, and its step."""
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        device: str | torch.device = "cpu",
+        *,
+        channels_last: bool | None = None,  # NHWC activations and conv weights; None = the device's default.
+        compile: bool = False,  # torch.compile the networks for the phases without double backward.
+    ):
         self.model_cfg, self.cfg = model_cfg, train_cfg
         self.device = torch.device(device)
+        if channels_last is None:
+            channels_last = self.device.type == "cpu"  # measured faster on CPU (benchmarks/RESULTS.md)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.rank = dist.get_rank() if _dist_ready() else 0
         self.world_size = dist.get_world_size() if _dist_ready() else 1
         if self.world_size != train_cfg.workers:
@@ -68,9 +83,16 @@ class StyleGAN2Trainer:
 
         # Same initial weights on every rank; different data and latents afterwards.
         torch.manual_seed(train_cfg.seed)
-        self.G = Generator(model_cfg).to(self.device).train()
-        self.D = Discriminator(model_cfg).to(self.device).train()
+        self.G = Generator(model_cfg).to(self.device, memory_format=self.memory_format).train()
+        self.D = Discriminator(model_cfg).to(self.device, memory_format=self.memory_format).train()
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        # The networks as the main phases call them: compiled if asked. The regularisation phases take double
+        # backward, which compiled graphs do not support, so they always call the eager modules.
+        self._synthesis_main: Any = self.G.synthesis
+        self._D_main: Any = self.D
+        if compile:
+            self._synthesis_main = torch.compile(self.G.synthesis, options=_COMPILE_OPTIONS)
+            self._D_main = torch.compile(self.D, options=_COMPILE_OPTIONS)
         self.seed_everything(train_cfg.seed * 1000 + self.rank)
 
         self.augment_pipe: AugmentPipe | None = None
@@ -130,8 +152,8 @@ class StyleGAN2Trainer:
         idx = torch.randint(0, real_c.shape[0], [n], device=self.device)
         return real_c[idx]
 
-    def run_G(self, z: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """G(z, c) with style mixing regularisation; returns (images, ws)."""
+    def run_G(self, z: torch.Tensor, c: torch.Tensor | None, main: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """G(z, c) with style mixing regularisation; returns (images, ws). main: a phase without double backward."""
         ws = self.G.mapping(z, c, update_w_avg=True)  # [N, num_ws, w_dim]
         if self.cfg.style_mixing > 0:
             n, num_ws = ws.shape[:2]
@@ -141,12 +163,12 @@ class StyleGAN2Trainer:
             ws2 = self.G.mapping(self._latents(n), c, update_w_avg=False)
             mix = torch.arange(num_ws, device=self.device)[None, :, None] >= cutoff
             ws = torch.where(mix, ws2, ws)
-        return self.G.synthesis(ws), ws
+        return (self._synthesis_main if main else self.G.synthesis)(ws), ws
 
-    def run_D(self, img: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    def run_D(self, img: torch.Tensor, c: torch.Tensor | None, main: bool = False) -> torch.Tensor:
         if self.augment_pipe is not None and float(self.augment_pipe.p) > 0:
             img = self.augment_pipe(img)
-        return self.D(img, c)
+        return (self._D_main if main else self.D)(img, c)
 
     def _sync_grads(self, module: torch.nn.Module) -> None:
         """Average gradients over ranks (one flat all-reduce) and scrub non-finite values."""
@@ -179,8 +201,8 @@ class StyleGAN2Trainer:
     def _phase_g_main(self, real_c) -> dict[str, float]:
         n = self.batch_per_worker
         c = self._fake_labels(real_c, n)
-        img, _ = self.run_G(self._latents(n), c)
-        logits = self.run_D(img, c)
+        img, _ = self.run_G(self._latents(n), c, main=True)
+        logits = self.run_D(img, c, main=True)
         loss = L.nonsaturating_g_loss(logits).mean()
         loss.backward()
         return {"loss_G": loss.item(), "scores_fake": logits.mean().item()}
@@ -188,6 +210,9 @@ class StyleGAN2Trainer:
     def _phase_g_reg(self, real_c, gain: int) -> dict[str, float]:
         n = max(self.batch_per_worker // self.cfg.pl_batch_shrink, 1)
         img, ws = self.run_G(self._latents(n), self._fake_labels(real_c, n))
+        # Contiguous: the penalty draws randn_like(img), whose values follow the memory layout; this keeps the
+        # random draw (and so the run) the same with channels-last activations or without.
+        img = img.contiguous()
         penalty, new_mean = L.path_length_penalty(img, ws, self.pl_mean, self.cfg.pl_decay, self._mean_over_ranks)
         self.pl_mean.copy_(new_mean.detach())
         loss = (img[:, 0, 0, 0] * 0 + penalty * self.cfg.pl_weight).mean()
@@ -198,9 +223,9 @@ class StyleGAN2Trainer:
         n = self.batch_per_worker
         c = self._fake_labels(real_c, n)
         with torch.no_grad():
-            fake_img, _ = self.run_G(self._latents(n), c)
-        fake_logits = self.run_D(fake_img, c)
-        real_logits = self.run_D(real_img, real_c)
+            fake_img, _ = self.run_G(self._latents(n), c, main=True)
+        fake_logits = self.run_D(fake_img, c, main=True)
+        real_logits = self.run_D(real_img, real_c, main=True)
         loss = L.d_fake_loss(fake_logits).mean() + L.d_real_loss(real_logits).mean()
         loss.backward()
         if self.ada is not None:
@@ -228,7 +253,7 @@ class StyleGAN2Trainer:
             raise ValueError(f"real batch must be {list(expected)} (per-worker batch), got {list(real_img.shape)}")
         if self.model_cfg.c_dim > 0 and (real_c is None or real_c.shape != (expected[0], self.model_cfg.c_dim)):
             raise ValueError(f"conditional model needs labels [{expected[0]}, {self.model_cfg.c_dim}]")
-        real_img = real_img.to(self.device, torch.float32)
+        real_img = real_img.to(self.device, torch.float32, memory_format=self.memory_format)
         real_c = real_c.to(self.device, torch.float32) if real_c is not None else None
 
         stats: dict[str, float] = {}
