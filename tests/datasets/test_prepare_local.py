@@ -163,3 +163,13 @@ def test_killed_run_leaves_no_half_images_and_resumes(tmp_path):
     assert report.cached >= 8 and report.processed + report.cached == 48 and report.accepted == 48
     assert not [n for n in os.listdir(out / ".prepare" / "cache") if ".tmp-" in n]
     shutil.rmtree(out / ".prepare" / "cache", ignore_errors=True)
+
+
+def test_auto_batch_size_amortises_tiny_images_and_spreads_big_ones():
+    from styleray.datasets.prepare import auto_batch_size
+
+    assert auto_batch_size([10_000] * 5000, 2, "classic") == 64  # tiny files: the cap
+    assert auto_batch_size([400_000] * 5000, 2, "classic") == 2  # ~1 MiB per task
+    assert auto_batch_size([10_000] * 40, 2, "classic") == 5  # every worker gets 4 batches
+    assert auto_batch_size([10_000] * 3, 8, "classic") == 1
+    assert auto_batch_size([10_000] * 5000, 2, "rembg") == 4

@@ -281,19 +281,16 @@ def finish_batch(batch: dict, job: Job) -> dict:
 
 
 def _placement(job: Job) -> dict:
-    """Remote args that keep every task on this node when SOURCE or OUT is a local path (other nodes of a
-    cluster do not have it); with s3:// on both sides the pipeline may use the whole cluster."""
-    if job.source.kind == "s3" and job.out.kind == "s3" or (job.source.kind == "zip" and job.source.s3
-                                                               and job.out.kind == "s3"):
+    """map_batches arguments that keep every task on this node when SOURCE or OUT is a local path (other
+    nodes of a cluster do not have it); with s3:// on both sides the pipeline may use the whole cluster."""
+    if job.out.kind == "s3" and (job.source.kind == "s3" or job.source.s3):
         return {}
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if len([n for n in ray.nodes() if n.get("Alive")]) > 1:
         log.warning("prepare: SOURCE or OUT is a local path, so the pipeline runs on this node only; use "
                     "s3:// for both to spread it over the cluster")
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                                                  soft=False)}
+    return {"label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
 
 
 def build_dataset(job: Job, sources: list[str], *, workers: int, batch_size: int):
@@ -309,14 +306,15 @@ def build_dataset(job: Job, sources: list[str], *, workers: int, batch_size: int
                               batch_size=batch_size, num_cpus=1, compute=ray.data.TaskPoolStrategy(size=workers),
                               **where)
     # rembg: CPU work in tasks, the ONNX sessions in an actor pool. Fractional CPUs so that the actors never
-    # hold every CPU while the tasks wait for one (RAY_NOTES: whole-CPU actors deadlock on 2 CPUs). The decode
+    # hold every CPU while the tasks wait for one (RAY_NOTES: whole-CPU actors deadlock on 2 CPUs); per worker
+    # 0.25 (decode) + 0.5 (actor) + 0.25 (finish) = 1 CPU, so N workers fit N CPUs with every stage running. The decode
     # tasks ask for a different share than the actors so that Ray Data does not fuse them into the actors: an
     # actor (one day on a GPU) should only run its model while decoding proceeds in parallel.
     ds = ds.map_batches(load_batch, fn_kwargs={"job": job, "fingerprint": fingerprint}, batch_size=batch_size,
                         num_cpus=0.25, compute=ray.data.TaskPoolStrategy(size=workers), **where)
     ds = ds.map_batches(RembgBatch, fn_constructor_kwargs={"job": job}, batch_size=batch_size,
                         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0.5, **where)
-    return ds.map_batches(finish_batch, fn_kwargs={"job": job}, batch_size=batch_size, num_cpus=0.5,
+    return ds.map_batches(finish_batch, fn_kwargs={"job": job}, batch_size=batch_size, num_cpus=0.25,
                           compute=ray.data.TaskPoolStrategy(size=workers), **where)
 
 
