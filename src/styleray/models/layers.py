@@ -16,8 +16,9 @@ derivatives R1 and path-length regularisation take):
   computes the weight gradient as a convolution with a huge kernel, and for grouped (depthwise FIR)
   convolutions loops over the groups, one tiny convolution each: 512 calls per FIR filter in R1 and path
   length regularisation. (The reference does the same on CUDA: its ``conv2d_gradfix``.)
-* ``bias_act``: (x + b) * gain in one pass (``torch.add(b * gain, x, alpha=gain)``, exact for lrelu since
-  lrelu(g z) = g lrelu(z) for g > 0), and the demodulation and noise in one ``addcmul``.
+* Elementwise passes: ``bias_act`` does (x + b) * gain in one pass (``torch.add(b * gain, x, alpha=gain)``, exact
+  for lrelu since lrelu(g z) = g lrelu(z) for g > 0) and clamps with ``hardtanh`` (a one-pass backward);
+  ``modulated_conv2d`` applies demodulation and noise in one ``addcmul``.
 """
 
 from __future__ import annotations
@@ -192,7 +193,10 @@ def bias_act(
         if gain != 1.0:
             x = x * gain
     if clamp is not None:
-        x = x.clamp(-clamp, clamp)
+        # hardtanh is clamp with a one-pass backward (clamp's backward builds its mask from two comparisons, a
+        # logical and and a where: four passes). They differ only for an input exactly at +-clamp, where
+        # hardtanh passes no gradient (as the reference's CUDA bias_act does) and clamp does.
+        x = F.hardtanh(x, -clamp, clamp) if _fast_paths else x.clamp(-clamp, clamp)
     return x
 
 
