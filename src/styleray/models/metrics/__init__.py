@@ -3,6 +3,7 @@
 - ``extractors``: the registry of feature extractors (``inception-v3``, the FID standard, loaded from a local
   file; tests register small ones).
 - ``inception``: the FID Inception-v3 network and where its weights are looked for.
+- ``pixels``: ``pixels-8x8``, a weights-free proxy extractor (named as a proxy wherever it is reported).
 - ``distances``: Fréchet distance, unbiased kernel MMD (KID), mean pairwise distance.
 - ``features``: features of images, of a generator and of a dataset (cached), split across ranks.
 - ``evaluate``: the metrics from two sets of statistics, or for a generator end to end.
@@ -49,6 +50,7 @@ from styleray.models.metrics.inception import (
     find_inception_weights,
     load_fid_inception,
 )
+from styleray.models.metrics.pixels import PIXELS_EXTRACTOR, PixelGrid
 
 __all__ = [
     "DEFAULT_EXTRACTOR", "EXTRACTORS", "INCEPTION_ENV", "INCEPTION_FILE", "INCEPTION_URL", "METRICS",
@@ -56,5 +58,5 @@ __all__ = [
     "build_extractor", "compare_stats", "dataset_stats", "evaluate_generator", "extract_features",
     "find_inception_weights", "frechet_distance", "gather_rows", "generator_features", "get_extractor_spec",
     "kernel_inception_distance", "load_fid_inception", "mean_pairwise_distance", "mmd2_unbiased",
-    "parse_metrics", "register_extractor", "shard_bounds", "stats_cache_path", "torch_all_gather",
+    "PIXELS_EXTRACTOR", "PixelGrid", "parse_metrics", "register_extractor", "shard_bounds", "stats_cache_path", "torch_all_gather",
 ]

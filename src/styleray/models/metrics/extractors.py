@@ -5,8 +5,9 @@ resizing and scaling) to float features [N, D]. The ``build`` function of its :c
 from an optional weights path; :func:`build_extractor` wraps it with its name as an :class:`Extractor`.
 Statistics are cached under the spec's name, so a spec whose weights change must change its name.
 
-The standard one is ``inception-v3`` (the FID network, see ``inception.py``); tests and experiments add
-their own with :func:`register_extractor`.
+The standard one is ``inception-v3`` (the FID network, see ``inception.py``); ``pixels-8x8`` (``pixels.py``)
+needs no weights and stands in as a named proxy; tests and experiments add their own with
+:func:`register_extractor`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from styleray.models.metrics.inception import FEATURE_DIM, load_fid_inception
+from styleray.models.metrics.pixels import PIXEL_FEATURE_DIM, PIXELS_EXTRACTOR, build_pixel_grid
 
 DEFAULT_EXTRACTOR = "inception-v3"
 
@@ -36,6 +38,12 @@ EXTRACTORS: dict[str, ExtractorSpec] = {
         load_fid_inception,
         FEATURE_DIM,
         "Inception-v3 pool features with the TF 2015-12-05 weights (the FID standard)",
+    ),
+    PIXELS_EXTRACTOR: ExtractorSpec(
+        PIXELS_EXTRACTOR,
+        build_pixel_grid,
+        PIXEL_FEATURE_DIM,
+        "RGB averaged to 8x8, no weights: a named proxy for FID (layout, colour, variety; not texture)",
     ),
 }
 
