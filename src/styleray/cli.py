@@ -93,6 +93,9 @@ def _add_train(sub) -> None:
     p.add_argument("--no-ray", action="store_true", help="train in this process without Ray (--workers 1, local --data)")
     p.add_argument("--gamma", type=float, default=None, help="R1 regularisation weight (preset default)")
     p.add_argument("--lr", type=_positive_float, default=None, help="learning rate of G and D (preset default)")
+    p.add_argument("--lr-g", type=_positive_float, default=None, help="learning rate of G (default: --lr)")
+    p.add_argument("--lr-d", type=_positive_float, default=None, help="learning rate of D (default: --lr)")
+    p.add_argument("--map", type=int, default=None, help="mapping network depth in layers (preset default)")
     p.add_argument("--aug", choices=["ada", "fixed", "noaug"], default="ada", help="augmentation mode")
     p.add_argument("--augment-p", type=float, default=None, help="initial (ada) or constant (fixed) augment p")
     p.add_argument("--target", type=float, default=None, help="ADA target for r_t")
@@ -104,6 +107,16 @@ def _add_train(sub) -> None:
                    help="'latest' (the run's newest good checkpoint, if any), 'none' (a new run), or a checkpoint or run path")
     p.add_argument("--device", default=None, help="torch device with --no-ray (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (--no-ray)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML of train settings (these flags' names, e.g. lr_g: 0.002) used as defaults; flags win")
+    p.add_argument("--metrics", default=None, metavar="LIST",
+                   help="measure these during training (fid,kid) on G_ema; best.json then picks the lowest FID")
+    p.add_argument("--metrics-every", type=int, default=1, metavar="T", help="measure every T ticks (and at the end)")
+    p.add_argument("--metrics-num-gen", type=int, default=1000, help="generated images per measurement")
+    p.add_argument("--extractor", default=None,
+                   help="feature extractor for --metrics (default inception-v3; pixels-8x8 is a weights-free proxy)")
+    p.add_argument("--inception", default=None, metavar="PATH",
+                   help="pt_inception-2015-12-05-6726825d.pth (default: $STYLERAY_INCEPTION, then ~/.cache/styleray/)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -121,14 +134,15 @@ def build_run_config(args, data_resolution: int, data_channels: int, num_classes
         workers=args.workers,
         img_channels=data_channels,
         c_dim=c_dim,
+        model_overrides=dict(mapping_layers=getattr(args, "map", None)),
         train_overrides=dict(
             batch=args.batch,
             kimg=args.kimg,
             tick_kimg=args.tick,
             snap=args.snap,
             r1_gamma=args.gamma,
-            lr_g=args.lr,
-            lr_d=args.lr,
+            lr_g=getattr(args, "lr_g", None) or args.lr,
+            lr_d=getattr(args, "lr_d", None) or args.lr,
             augment=args.aug,
             augment_p=args.augment_p,
             ada_target=args.target,
@@ -146,6 +160,12 @@ def _cmd_train(args) -> int:
     from styleray.platform.stability import TrainingDiverged
 
     resume = None if args.resume == "none" else args.resume
+    metrics_options = None
+    if args.metrics:  # checked before anything is read or trained; a missing Inception file fails in prepare
+        from styleray.platform.train_metrics import parse_options
+
+        metrics_options = parse_options(args.metrics, every=args.metrics_every, num_gen=args.metrics_num_gen,
+                                        extractor=args.extractor, weights=args.inception)
     try:
         if args.no_ray:
             import torch
@@ -165,7 +185,15 @@ def _cmd_train(args) -> int:
             sampler = BatchSampler(data, run.train.batch_per_worker, seed=run.train.seed, mirror=run.train.mirror)
             log.info("training %s at %dpx on %d images -> %s", run.preset, run.model.resolution, len(data.images), run.out)
             resume = ray_train.check_resume(resume, run.out)
-            summary = run_training(run, sampler, resume=resume, hooks=LoopHooks(progress=not args.no_progress))
+            hooks = LoopHooks(progress=not args.no_progress)
+            if metrics_options is not None:
+                from styleray.datasets.ray_reader import inspect_dataset
+                from styleray.platform.train_metrics import TickEvaluator, prepare
+
+                info = inspect_dataset(storage.absolute(args.data), storage.pyarrow_filesystem(args.data)[0])
+                plan = prepare(metrics_options, info, run.model.resolution, run.model.img_channels, args.device)
+                hooks.evaluate, hooks.evaluate_every = TickEvaluator(plan, args.device), metrics_options.every
+            summary = run_training(run, sampler, resume=resume, hooks=hooks)
         else:
             from styleray.datasets.ray_reader import inspect_dataset
 
@@ -178,7 +206,12 @@ def _cmd_train(args) -> int:
                 placement_timeout_s=args.placement_timeout,
                 autoscale=args.autoscale,
             )
-            summary = ray_train.fit(run, data=data, resume=resume, options=options)
+            plan = None
+            if metrics_options is not None:
+                from styleray.platform.train_metrics import prepare
+
+                plan = prepare(metrics_options, data, run.model.resolution, run.model.img_channels)
+            summary = ray_train.fit(run, data=data, resume=resume, options=options, metrics=plan)
     except (ray_train.PlacementTimeout, ray_train.TrainingFailed, TrainingDiverged) as e:
         log.error("%s", e)
         return 1
@@ -559,8 +592,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv or any(a.startswith("--config=") for a in argv):
+        from styleray.config_file import expand_config
+
+        try:  # train --config FILE.yaml: the file's settings become flags that the explicit ones override
+            argv = expand_config(argv, "train", _subparser(parser, "train"))
+        except ValueError as e:
+            parser.exit(2, f"styleray train: error: {e}\n")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -12,7 +12,8 @@ state and check that the replicas still hold identical weights, and only the chi
                              and r_t, memory, resumed_kimg, rollbacks, and unstable/unstable_reason/rollback_to
     RUN/checkpoints/ckpt-N/  every --snap ticks (checkpoint.py); the newest --keep plus best and last good
     RUN/grids/ckpt-N.png     the sample grid of every snapshot (fixed seeds)
-    RUN/best.json            the best stable checkpoint
+    RUN/best.json            the best stable checkpoint: lowest FID when ticks are measured (--metrics;
+                             every measured tick also writes a checkpoint), else the newest
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ class LoopHooks:
     is_chief: bool = True  # writes checkpoints, metrics, best.json and grids
     report: Callable[[dict[str, Any], str | None], None] | None = None  # (tick record, checkpoint uri or None)
     progress: bool = True  # show a progress bar (chief only)
+    # G_ema -> {fid, kid, ...} added to the tick record (train_metrics.TickEvaluator); called on every rank
+    evaluate: Callable[[torch.nn.Module], dict[str, Any]] | None = None
+    evaluate_every: int = 1  # ticks between evaluations (the last tick is always evaluated)
 
 
 def _world() -> tuple[int, int]:
@@ -279,8 +283,8 @@ class TrainingRun:
     def _update_best(self, name: str, uri: str, record: dict[str, Any]) -> None:
         """best.json: the stable checkpoint with the lowest FID when ticks carry one, else the newest stable."""
         fid = record.get("fid")
-        if fid is not None and self.best and self.best.get("criterion") == "fid" and self.best["value"] <= fid:
-            return
+        if self.best and self.best.get("criterion") == "fid" and (fid is None or self.best["value"] <= fid):
+            return  # a measured best stays until a lower FID: unmeasured snapshots never replace it
         self.best = {
             "checkpoint": name,
             "uri": uri,
@@ -382,7 +386,10 @@ def run_training(
             tr.publish(record, None)
             tr.rollback(verdict.reason or "unstable")
         else:
-            if tr.tick % cfg.snap == 0 or done:
+            measure = hooks.evaluate is not None and (tr.tick % hooks.evaluate_every == 0 or done)
+            if measure:  # collective: every rank evaluates its share of the images
+                record.update(hooks.evaluate(tr.trainer.G_ema))
+            if tr.tick % cfg.snap == 0 or done or measure:  # a measured model is kept: it may be the best
                 uri = tr.snapshot(record)
             tr.last_ckpt = uri or tr.last_ckpt
             tr.publish(record, uri)

@@ -252,6 +252,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         seed=[run.train.seed, rank, int(start_nimg)],
     )
     hooks = LoopHooks(is_chief=rank == 0, report=_reporter(config, rank), progress=False)
+    if config.get("metrics") is not None:  # --metrics: FID/KID every few ticks, images split over the ranks
+        from styleray.platform.train_metrics import TickEvaluator
+
+        plan = config["metrics"]
+        hooks.evaluate = TickEvaluator(plan, device, real=ray.get(config["metrics_real"]))
+        hooks.evaluate_every = plan.options.every
     try:
         summary = run_training(run, batches, resume=resume, hooks=hooks)
     except TrainingDiverged as e:
@@ -307,6 +313,8 @@ def fit(
     resume: str | None = "latest",
     options: RayOptions | None = None,
     inject_failure: dict[str, Any] | None = None,  # {"rank", "after_kimg", "marker"}: see _maybe_fail
+    metrics=None,  # train_metrics.MetricsPlan (--metrics), made on the driver by train_metrics.prepare
+    callbacks: list | None = None,  # Ray Train UserCallbacks (the sweeps forward reports to Ray Tune)
 ) -> dict[str, Any]:
     """Train ``run`` with Ray Train; returns rank 0's summary (kimg, checkpoint, last record, ...)."""
     import ray
@@ -353,6 +361,9 @@ def fit(
             "threads": options.torch_threads(),
             "storage_env": storage.forwarded_env(),
             "inject_failure": inject_failure,
+            # the plan travels without its (possibly large) dataset statistics; those go by the object store
+            "metrics": dataclasses.replace(metrics, real=None) if metrics is not None else None,
+            "metrics_real": ray.put(metrics.real) if metrics is not None else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=run.train.workers, use_gpu=options.gpus, resources_per_worker=resources
@@ -363,6 +374,7 @@ def fit(
             storage_filesystem=fs,
             # controller_failure_limit=0: a placement that times out ends the run (no silent retry loop).
             failure_config=ray.train.FailureConfig(max_failures=options.max_failures, controller_failure_limit=0),
+            callbacks=list(callbacks or []),
         ),
         datasets={DATASET_KEY: dataset},
     )
