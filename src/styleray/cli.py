@@ -476,6 +476,83 @@ def _cmd_metrics(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# tune: Ray Tune sweeps over the Ray Train trainer (styleray.platform.tune)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _add_tune(sub) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="hyperparameter sweep: Ray Tune over Ray Train runs (ASHA, PBT; grid, random, optuna)",
+        description="Sweep the hyperparameters in --space (lr_g, lr_d, gamma, batch, target, map, mirror; "
+        "choice/grid/uniform/loguniform) with Ray Tune: each trial is a Ray Train run of --workers-per-trial "
+        "workers with its own checkpoints in OUT/trials/ID, measured every --metrics-every ticks. The objective "
+        "(--metric) is FID/KID with Inception-v3, or a proxy that is named as one (pixel-fid: FID over 8x8 "
+        "thumbnails); auto takes FID when the weights are found, else says it uses the proxy and why. Writes "
+        "OUT/results.csv and results.md (trials ranked) and OUT/best_config.yaml for `styleray train --config`. "
+        "--resume continues an interrupted sweep with its saved settings.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", default=None, help="prepared dataset (as for train); not needed with --resume")
+    p.add_argument("--out", required=True, help="sweep folder: tune/ state, trials/ID run folders, results")
+    p.add_argument("--space", default=None, metavar="FILE", help="search space YAML (see README, Sweeps)")
+    p.add_argument("--trials", type=int, default=8, help="samples (random, optuna); each grid combination runs once per sample")
+    p.add_argument("--scheduler", default="asha", help="asha (stop weak trials early), pbt (exploit/explore), none")
+    p.add_argument("--search", default="random", help="grid, random (Tune's BasicVariantGenerator) or optuna (TPE)")
+    p.add_argument("--metric", default="auto", help="auto, fid, kid, pixel-fid, pixel-kid (the proxies)")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers of each trial")
+    p.add_argument("--cpus-per-worker", type=_positive_float, default=None, help="CPUs per worker (default 0.9 on CPU)")
+    p.add_argument("--gpus", action="store_true", help="one GPU per worker")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: as many as fit)")
+    p.add_argument("--preset", default=None, help="train preset of every trial")
+    p.add_argument("--kimg", type=_positive_float, default=None, help="training length of every trial")
+    p.add_argument("--tick", type=_positive_float, default=None, help="tick length in kimg (a tick is a report)")
+    p.add_argument("--snap", type=int, default=None, help="checkpoint every this many ticks (measured ticks always)")
+    p.add_argument("--train-config", default=None, metavar="FILE", help="YAML of fixed train settings (train --config)")
+    p.add_argument("--metrics-every", type=int, default=1, help="measure the objective every this many ticks")
+    p.add_argument("--metrics-num-gen", type=int, default=500, help="generated images per measurement")
+    p.add_argument("--extractor", default=None, help="feature extractor for fid/kid (default inception-v3)")
+    p.add_argument("--inception", default=None, metavar="PATH", help="Inception-v3 weights (as for metrics)")
+    p.add_argument("--perturbation-interval", type=int, default=2, help="pbt: measured reports between perturbations")
+    p.add_argument("--grace-period", type=int, default=1, help="asha: measured reports before a trial may be stopped")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --out")
+    p.set_defaults(func=_cmd_tune)
+
+
+def _cmd_tune(args) -> int:
+    from styleray.platform.tune import SweepConfig, run_sweep
+
+    if args.resume:
+        summary = run_sweep(SweepConfig(data="", out=args.out, space_file=""), resume=True)
+    else:
+        if not args.data or not args.space:
+            raise ValueError("--data and --space are required (unless --resume continues a sweep)")
+        base: list[str] = []
+        if args.train_config:
+            base += ["--config", os.path.abspath(args.train_config)]
+        for flag in ("preset", "kimg", "tick", "snap"):
+            if getattr(args, flag) is not None:
+                base += [f"--{flag}", str(getattr(args, flag))]
+        summary = run_sweep(SweepConfig(
+            data=args.data, out=args.out, space_file=os.path.abspath(args.space), trials=args.trials,
+            scheduler=args.scheduler, search=args.search, metric=args.metric,
+            workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker, gpus=args.gpus,
+            max_concurrent=args.max_concurrent, base_flags=tuple(base), metrics_every=args.metrics_every,
+            num_gen=args.metrics_num_gen, extractor=args.extractor, inception=args.inception,
+            perturbation_interval=args.perturbation_interval, grace_period=args.grace_period, seed=args.seed,
+        ))
+    best = summary.get("best")
+    print(f"results: {summary['results_md']} ({len(summary['rows'])} trials)")
+    if best is None:
+        print("no trial reported the objective; see the errors in the results")
+        return 1
+    print(f"best: trial {best['trial']} {summary['objective']} {best['best_' + summary['objective']]:.4f}"
+          f" -> {summary['best_config']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
 # queue and manager: the training manager (styleray.platform.manager)
 # ---------------------------------------------------------------------------------------------------------
 
@@ -575,7 +652,8 @@ def _cmd_manager(args) -> int:
 
 # ---------------------------------------------------------------------------------------------------------
 
-COMMANDS: list[Callable] = [_add_prepare, _add_train, _add_generate, _add_demo, _add_metrics, _add_serve, _add_queue, _add_manager]
+COMMANDS: list[Callable] = [_add_prepare, _add_train, _add_tune, _add_generate, _add_demo, _add_metrics, _add_serve,
+                            _add_queue, _add_manager]
 
 
 def build_parser() -> argparse.ArgumentParser:
