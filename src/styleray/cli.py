@@ -272,25 +272,32 @@ def _cmd_generate(args) -> int:
 
 
 def _add_demo(sub) -> None:
+    from styleray.demo import DemoConfig as D  # light: standard library only at import
+
     p = sub.add_parser(
         "demo",
-        help="end to end on the built-in sample data",
-        description="Make the built-in cartoon dataset, train the cpu-tiny preset for a few minutes, "
-        "and write a sample grid and a morph GIF to --out.",
+        help="end to end on the built-in sample data, on a local Ray cluster",
+        description="On one local Ray cluster (2 CPUs): make raw sample images with backgrounds -> prepare them "
+        "(Ray Data, classic remover) -> train cpu-tiny (Ray Train, 2 CPU workers) -> serve it (Ray Serve on "
+        "127.0.0.1) -> fetch a sample grid PNG and a morph GIF over HTTP into --out; print the URLs of the web "
+        "page, the API docs and the Ray dashboard, and serve until Ctrl-C. Re-running resumes or skips done work.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--out", default="demo-output", help="where data, run and samples go")
-    p.add_argument("--images", type=int, default=512, help="sample dataset size")
-    p.add_argument("--resolution", type=int, default=32, help="training resolution")
-    p.add_argument("--kimg", type=_positive_float, default=60.0, help="training length in kimg")
-    p.add_argument("--no-wait", action="store_true", help="exit when done instead of serving until Ctrl-C")
+    p.add_argument("--out", default=D.out, help="where raw images, data, run, grid.png and morph.gif go")
+    p.add_argument("--images", type=int, default=D.images, help="raw sample images to make")
+    p.add_argument("--resolution", type=int, default=D.resolution, help="training resolution (a power of two, 16..128)")
+    p.add_argument("--kimg", type=_positive_float, default=D.kimg, help="training length in kimg")
+    p.add_argument("--port", type=int, default=D.port, help="HTTP port of Ray Serve on 127.0.0.1 (0: any free port)")
+    p.add_argument("--raw-size", type=int, default=D.raw_size, help="longer side of the raw images in pixels")
+    p.add_argument("--no-wait", action="store_true", help="exit after fetching instead of serving until Ctrl-C")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
-    from styleray.demo import run_demo
+    from styleray.demo import DemoConfig, run_demo
 
-    return run_demo(args)
+    return run_demo(DemoConfig(out=args.out, images=args.images, resolution=args.resolution, kimg=args.kimg,
+                               port=args.port, raw_size=args.raw_size, wait=not args.no_wait))
 
 
 # ---------------------------------------------------------------------------------------------------------
