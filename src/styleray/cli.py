@@ -109,6 +109,7 @@ def _add_train(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (--no-ray)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML of train settings (these flags' names, e.g. lr_g: 0.002) used as defaults; flags win")
+    p.expands_config_file = True  # see _ConfigFileParser (a plain ArgumentParser ignores it: queue's checker)
     p.add_argument("--metrics", default=None, metavar="LIST",
                    help="measure these during training (fid,kid) on G_ema; best.json then picks the lowest FID")
     p.add_argument("--metrics-every", type=int, default=1, metavar="T", help="measure every T ticks (and at the end)")
@@ -521,6 +522,8 @@ def _add_tune(sub) -> None:
     p.add_argument("--extractor", default=None, help="feature extractor for fid/kid (default inception-v3)")
     p.add_argument("--inception", default=None, metavar="PATH", help="Inception-v3 weights (as for metrics)")
     p.add_argument("--perturbation-interval", type=int, default=2, help="pbt: measured reports between perturbations")
+    p.add_argument("--pbt-sync", action="store_true",
+                   help="pbt: perturb the whole population at once (trials that get there first wait, paused)")
     p.add_argument("--grace-period", type=int, default=1, help="asha: measured reports before a trial may be stopped")
     p.add_argument("--seed", type=int, default=0, help="seed of the search")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --out")
@@ -547,7 +550,8 @@ def _cmd_tune(args) -> int:
             workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker, gpus=args.gpus,
             max_concurrent=args.max_concurrent, base_flags=tuple(base), metrics_every=args.metrics_every,
             num_gen=args.metrics_num_gen, extractor=args.extractor, inception=args.inception,
-            perturbation_interval=args.perturbation_interval, grace_period=args.grace_period, seed=args.seed,
+            perturbation_interval=args.perturbation_interval, pbt_sync=args.pbt_sync, grace_period=args.grace_period,
+            seed=args.seed,
         ))
     best = summary.get("best")
     print(f"results: {summary['results_md']} ({len(summary['rows'])} trials)")
@@ -663,6 +667,23 @@ COMMANDS: list[Callable] = [_add_prepare, _add_train, _add_tune, _add_generate, 
                             _add_queue, _add_manager]
 
 
+class _ConfigFileParser(argparse.ArgumentParser):
+    """A command's parser; one with ``expands_config_file`` set (train) first replaces ``--config FILE.yaml``
+    by the file's settings as flags, which the flags given explicitly override (styleray.config_file)."""
+
+    expands_config_file = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.expands_config_file and args is not None and any(a == "--config" or a.startswith("--config=") for a in args):
+            from styleray.config_file import expand_args
+
+            try:
+                args = expand_args(list(args), self)
+            except ValueError as e:
+                self.error(str(e))
+        return super().parse_known_args(args, namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="styleray",
@@ -671,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_ConfigFileParser)
     for add in COMMANDS:
         add(sub)
     return parser
@@ -684,14 +705,6 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" in argv or any(a.startswith("--config=") for a in argv):
-        from styleray.config_file import expand_config
-
-        try:  # train --config FILE.yaml: the file's settings become flags that the explicit ones override
-            argv = expand_config(argv, "train", _subparser(parser, "train"))
-        except ValueError as e:
-            parser.exit(2, f"styleray train: error: {e}\n")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -11,8 +11,9 @@ the top level or under ``train:`` (the shape ``styleray queue add --config`` rea
     metrics: [fid, kid]   # a list becomes fid,kid
 
 The file becomes flags placed before the command line's own, so flags given explicitly win and every value
-is checked exactly as the flag would be. A key that is not a train flag is an error naming it. Standard
-library and PyYAML only: the CLI calls this before anything heavy is imported.
+is checked exactly as the flag would be. A key that is not a train flag is an error naming it. The train
+command's parser does the expansion itself (``cli._ConfigFileParser``), so every caller of the parser gets
+it. Standard library and PyYAML only.
 """
 
 from __future__ import annotations
@@ -79,22 +80,18 @@ def settings_to_flags(settings: dict[str, Any], parser: argparse.ArgumentParser,
     return flags
 
 
-def expand_config(argv: list[str], command: str, parser: argparse.ArgumentParser) -> list[str]:
-    """argv with ``--config FILE`` after ``command`` replaced by the file's flags, placed right after the
-    command so that the explicit flags (which come later) win. Other commands' argv is returned as is."""
-    pos = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
-    if pos is None or argv[pos] != command:
-        return argv
-    head, rest = argv[: pos + 1], argv[pos + 1 :]
+def expand_args(args: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """The train command's arguments with ``--config FILE`` replaced by the file's flags, placed first so
+    that the flags given explicitly (which come later) win."""
     paths: list[str] = []
     kept: list[str] = []
     i = 0
-    while i < len(rest):
-        a = rest[i]
+    while i < len(args):
+        a = args[i]
         if a == "--config":
-            if i + 1 >= len(rest):
+            if i + 1 >= len(args):
                 raise ValueError("--config needs a file: --config FILE.yaml")
-            paths.append(rest[i + 1])
+            paths.append(args[i + 1])
             i += 2
             continue
         if a.startswith("--config="):
@@ -105,5 +102,5 @@ def expand_config(argv: list[str], command: str, parser: argparse.ArgumentParser
     if len(paths) > 1:
         raise ValueError(f"--config given {len(paths)} times ({', '.join(paths)}): give one file")
     if not paths:
-        return argv
-    return head + settings_to_flags(load_settings(paths[0]), parser, paths[0]) + kept
+        return list(args)
+    return settings_to_flags(load_settings(paths[0]), parser, paths[0]) + kept

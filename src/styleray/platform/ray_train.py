@@ -21,6 +21,7 @@ with no replacement) fails after ``placement_timeout_s`` with a clear error inst
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -306,6 +307,29 @@ def check_resume(resume: str | None, run_dir: str) -> str | None:
     return ck.uri
 
 
+TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
+
+
+def retire_stale_train_snapshot(run_dir: str) -> None:
+    """Set Ray Train's snapshot aside when it names checkpoints that are gone (pruned by --keep, or set aside
+    by a sweep's PBT exploit): Ray Train refuses to start in such a folder, and styleray resumes from its own
+    checkpoints anyway (the run folder's newest loadable one)."""
+    path = storage.join(run_dir, TRAIN_SNAPSHOT)
+    if not storage.exists(path):
+        return
+    try:
+        names = [r["checkpoint_dir_name"] for r in json.loads(storage.read_bytes(path))["checkpoint_results"]]
+    except (ValueError, KeyError, TypeError) as e:
+        names, missing = [], [f"unreadable ({e})"]
+    else:
+        missing = [n for n in names if not storage.exists(storage.join(run_dir, n))]
+    if missing:
+        storage.write_bytes(storage.join(run_dir, TRAIN_SNAPSHOT + ".stale"), storage.read_bytes(path))
+        storage.remove(path)
+        log.info("set Ray Train's snapshot aside (%s no longer there); resuming from the run's own checkpoints",
+                 ", ".join(missing[:3]))
+
+
 def fit(
     run: RunConfig,
     *,
@@ -332,6 +356,7 @@ def fit(
     fs, storage_path, name = _storage_location(run.out)
     storage.check_writable(run.out, "--out")
     resume = check_resume(resume, run.out)
+    retire_stale_train_snapshot(run.out)
     if data is None:
         data = ray_reader.inspect_dataset(run.data, storage.pyarrow_filesystem(run.data)[0])
     if data.num_images < run.train.batch:

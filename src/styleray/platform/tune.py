@@ -1,23 +1,25 @@
 """Ray Tune sweeps over the Ray Train trainer (``styleray tune``).
 
-    driver (run_sweep)                                 each trial (a Tune function trainable, 0.01 CPU)
+    driver (run_sweep)                                 each trial (a Tune class Trainable, 0.01 CPU)
     space.yaml -> param space; the objective:          train flags = the sweep's base settings + this
       FID/KID, or a proxy named as such                  trial's hyperparameters (the names of train flags)
     the dataset's reference statistics, once           ray_train.fit(): a (multi-)worker Ray Train run in
     Tuner(scheduler: ASHA | PBT | FIFO,                  OUT/trials/<trial id>/ with its own checkpoints,
           search: grid/random | optuna)                  FID/KID every --metrics-every ticks
-    a progress line per trial report                   a Ray Train callback forwards each report; this
-    OUT/results.csv, results.md, best_config.yaml        trial reports it to Tune (PBT: with a checkpoint)
+    a progress line per trial report                   a Ray Train callback forwards each report; step()
+    OUT/results.csv, results.md, best_config.yaml        returns the measured ones to Tune; cleanup() aborts
+                                                         the Ray Train run of a stopped trial (ASHA, PBT)
 
 The objective is stated wherever results are: ``fid``/``kid`` (Inception-v3, the standard), ``fid@NAME``
 (another registered extractor), or the proxy ``pixel-fid``/``pixel-kid`` (Fréchet distance / KID of 8x8 RGB
 thumbnails, see ``models/metrics/pixels.py``). ``--metric auto`` takes FID when the Inception weights are
 found and otherwise the proxy, saying so and why; ``--metric fid`` without the weights is an error.
 
-PBT: a trial reports, with each measured tick, a small Tune checkpoint that points at its styleray checkpoint.
-When PBT makes a trial exploit a better one, Tune restarts it with the better trial's pointer and perturbed
-hyperparameters; the trial then copies the better trial's checkpoint into its own run folder (its own are
-set aside), records the copy in ``exploits.jsonl`` and resumes training from it.
+PBT: a trial's Tune checkpoint is a small pointer to its newest measured styleray checkpoint (Tune copies the
+pointer, not the networks). When PBT makes a trial exploit a better one, Tune restarts it with the better
+trial's pointer and perturbed hyperparameters; the trial then copies the better trial's checkpoint into its
+own run folder (its own are set aside in ``superseded-N/``), records the copy in ``exploits.jsonl`` and
+resumes training from it.
 
 An interrupted sweep continues with ``--resume`` (Tuner.restore): unfinished trials resume from the newest
 checkpoint in their run folder.
@@ -30,7 +32,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -138,6 +139,7 @@ class SweepConfig:
     extractor: str | None = None
     inception: str | None = None
     perturbation_interval: int = 2  # PBT: measured reports between perturbations
+    pbt_sync: bool = False  # PBT: perturb all trials together (the first ones to get there wait, paused)
     grace_period: int = 1  # ASHA: measured reports before a trial can be stopped
     seed: int = 0
 
@@ -188,17 +190,19 @@ def hp_flags(hp: dict[str, Any]) -> list[str]:
 
 def train_args(sweep: SweepConfig, hp: dict[str, Any], out: str):
     """The parsed `styleray train` namespace of a trial (the same parser and checks as the command)."""
-    from styleray import cli
-    from styleray.config_file import expand_config
+    import contextlib
+    import io
 
-    parser = cli.build_parser()
-    argv = ["train", *sweep.base_flags, *hp_flags(hp), "--data", sweep.data, "--out", out,
-            "--workers", str(sweep.workers_per_trial)]
-    argv = expand_config(argv, "train", cli._subparser(parser, "train"))
+    from styleray import cli
+
+    argv = [*sweep.base_flags, *hp_flags(hp), "--data", sweep.data, "--out", out, "--workers", str(sweep.workers_per_trial)]
+    err = io.StringIO()
     try:
-        return cli._subparser(parser, "train").parse_args(argv[1:])
+        with contextlib.redirect_stderr(err):
+            return cli._subparser(cli.build_parser(), "train").parse_args(argv)
     except SystemExit:
-        raise ValueError(f"bad train settings for a trial: {' '.join(argv[1:])}") from None
+        reason = err.getvalue().strip().splitlines()[-1:] or ["invalid"]
+        raise ValueError(f"bad train settings for the trials ({reason[0]}): train {' '.join(argv)}") from None
 
 
 def trial_run_config(sweep: SweepConfig, hp: dict[str, Any], out: str, data_info):
@@ -214,14 +218,21 @@ def trial_run_config(sweep: SweepConfig, hp: dict[str, Any], out: str, data_info
 
 
 def _forwarder_class():
-    """A Ray Train UserCallback that puts every report (rank 0's metrics, the checkpoint path) on a queue."""
+    """A Ray Train UserCallback (it runs in the Train controller) that puts every report, rank 0's metrics and
+    the checkpoint path, on the trial's queue; with the first one, the controller's handle (to abort it)."""
     from ray.train.v2.api.callback import UserCallback
 
     class ForwardReports(UserCallback):
         def __init__(self, queue):
             self.queue = queue
+            self.sent_handle = False
 
         def after_report(self, run_context, metrics, checkpoint):
+            import ray
+
+            if not self.sent_handle:
+                self.queue.put(("controller", ray.get_runtime_context().current_actor, None))
+                self.sent_handle = True
             self.queue.put(("report", dict(metrics[0]), checkpoint.path if checkpoint else None))
 
     return ForwardReports
@@ -249,11 +260,19 @@ def adopt_checkpoint(run_dir: str, pointer: dict[str, Any], trial_id: str, hp: d
             raise
         log.warning("%s is gone (pruned); copying %s of trial %s instead", src, newest.name, pointer["trial_id"])
         src = newest.uri
+    from styleray.platform.ray_train import TRAIN_SNAPSHOT
+
     old = ckpt_lib.checkpoints_dir(run_dir)
     if storage.exists(old):
         n = sum(1 for name in storage.listdir(run_dir) if name.startswith("superseded-"))
-        storage.rename_dir(old, storage.join(run_dir, f"superseded-{n + 1}"))
-    storage.remove(storage.join(run_dir, ckpt_lib.BEST_FILE))
+        aside = storage.join(run_dir, f"superseded-{n + 1}")
+        if not storage.is_remote(aside):
+            os.makedirs(aside, exist_ok=True)
+        storage.rename_dir(old, storage.join(aside, ckpt_lib.CHECKPOINTS_DIR))
+        for name in (ckpt_lib.BEST_FILE, TRAIN_SNAPSHOT):  # they name the checkpoints set aside
+            if storage.exists(storage.join(run_dir, name)):
+                storage.write_bytes(storage.join(aside, name), storage.read_bytes(storage.join(run_dir, name)))
+                storage.remove(storage.join(run_dir, name))
     dst = storage.join(ckpt_lib.checkpoints_dir(run_dir), src.rstrip("/").rsplit("/", 1)[-1])
     _copy_checkpoint(src, dst)
     record = {"time": time.time(), "trial_id": trial_id, "from_trial": pointer["trial_id"], "from_checkpoint": src,
@@ -263,88 +282,126 @@ def adopt_checkpoint(run_dir: str, pointer: dict[str, Any], trial_id: str, hp: d
     return dst
 
 
-def _pointer_checkpoint(trial_id: str, run_dir: str, ckpt_uri: str, kimg: float):
-    """A small Tune checkpoint that names the styleray checkpoint (Tune copies this, not the networks)."""
-    from ray import tune
-
-    folder = tempfile.mkdtemp(prefix="styleray-pointer-")
-    with open(os.path.join(folder, POINTER_FILE), "w", encoding="utf-8") as f:
-        json.dump({"trial_id": trial_id, "run_dir": run_dir, "checkpoint": ckpt_uri, "kimg": kimg}, f)
-    return tune.Checkpoint.from_directory(folder), folder
-
-
-def _read_pointer(checkpoint) -> dict[str, Any] | None:
-    with checkpoint.as_directory() as folder:
-        path = os.path.join(folder, POINTER_FILE)
-        if not os.path.exists(path):
-            return None
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-
-
 def _tune_metrics(record: dict[str, Any], objective: Objective, trial_id: str, run_dir: str) -> dict[str, Any]:
     out = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     out.update(objective=objective.name, styleray_trial=trial_id, run_dir=run_dir)
     return out
 
 
-def trial_main(config: dict[str, Any], sweep_dict: dict[str, Any], objective_dict: dict[str, Any], plan, data_info) -> None:
-    """One trial: train with this config's hyperparameters and report every measured tick to Tune."""
-    import shutil
-
+def _trainable_class():
+    """The trial, a class Trainable: Tune calls step() for each measured tick and save/load_checkpoint for PBT,
+    and cleanup() when it stops the trial, which aborts the Ray Train run so that its workers and their
+    placement group are released at once (a function trainable's thread would just be abandoned)."""
     from ray import tune
-    from ray.util.queue import Queue
 
-    from styleray.platform import ray_train
+    class SweepTrial(tune.Trainable):
+        def setup(self, config, sweep_dict=None, objective_dict=None, plan=None, data_info=None):
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            self.sweep, self.objective = SweepConfig.from_dict(sweep_dict), Objective(**objective_dict)
+            self.plan, self.data_info = plan, data_info
+            self.run_dir = storage.join(self.sweep.out, TRIALS_DIR, self.trial_id)
+            self.hp = {k: config[k] for k in sorted(config)}
+            self.run = trial_run_config(self.sweep, self.hp, self.run_dir, data_info)
+            self.target_kimg = self.run.train.kimg
+            self.queue = None
+            self.thread: threading.Thread | None = None
+            self.outcome: dict[str, Any] = {}
+            self.controller = None
+            self.adopt: dict[str, Any] | None = None
+            self.last: tuple[dict[str, Any], str | None] | None = None
+            self.finished = False
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sweep, objective = SweepConfig.from_dict(sweep_dict), Objective(**objective_dict)
-    trial_id = tune.get_context().get_trial_id()
-    run_dir = storage.join(sweep.out, TRIALS_DIR, trial_id)
-    hp = {k: config[k] for k in sorted(config)}
-    run = trial_run_config(sweep, hp, run_dir, data_info)
+        # --------------------------------------------------------------- PBT: pointers to styleray checkpoints
 
-    restored = tune.get_checkpoint()
-    pointer = _read_pointer(restored) if restored is not None else None
-    if pointer is not None and pointer["trial_id"] != trial_id:
-        adopt_checkpoint(run_dir, pointer, trial_id, hp)
+        def save_checkpoint(self, checkpoint_dir: str):
+            if self.last is None or self.last[1] is None:
+                return None
+            record, uri = self.last
+            with open(os.path.join(checkpoint_dir, POINTER_FILE), "w", encoding="utf-8") as f:
+                json.dump({"trial_id": self.trial_id, "run_dir": self.run_dir, "checkpoint": uri,
+                           "kimg": float(record["kimg"])}, f)
+            return None
 
-    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    outcome: dict[str, Any] = {}
-    options = ray_train.RayOptions(gpus=sweep.gpus, cpus_per_worker=sweep.cpus_per_worker, max_failures=1)
+        def load_checkpoint(self, checkpoint):
+            folder = checkpoint if isinstance(checkpoint, str) else None
+            path = os.path.join(folder, POINTER_FILE) if folder else None
+            if not path or not os.path.exists(path):
+                return
+            with open(path, encoding="utf-8") as f:
+                pointer = json.load(f)
+            if pointer["trial_id"] != self.trial_id:  # PBT exploit; our own pointer: the run folder has it all
+                self.adopt = pointer
 
-    def train() -> None:
-        try:
-            outcome["summary"] = ray_train.fit(
-                run, data=data_info, resume="latest", options=options, metrics=plan,
-                callbacks=[_forwarder_class()(queue)],
-            )
-        except BaseException as e:  # noqa: BLE001 - handed to the trial's thread, which raises it
-            outcome["error"] = e
-        finally:
-            queue.put(("done", None, None))
+        # --------------------------------------------------------------- training
 
-    thread = threading.Thread(target=train, name="styleray-trial-fit", daemon=True)
-    thread.start()
-    while True:
-        kind, record, ckpt_path = queue.get()
-        if kind == "done":
-            break
-        if record.get(objective.key) is None:
-            continue  # an unmeasured tick: schedulers compare measured ones only
-        metrics = _tune_metrics(record, objective, trial_id, run_dir)
-        if sweep.scheduler == "pbt" and ckpt_path is not None:
-            uri = storage.join(ckpt_lib.checkpoints_dir(run_dir), ckpt_path.rstrip("/").rsplit("/", 1)[-1])
-            checkpoint, folder = _pointer_checkpoint(trial_id, run_dir, uri, float(record["kimg"]))
-            try:
-                tune.report(metrics, checkpoint=checkpoint)
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-        else:
-            tune.report(metrics)
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
+        def _start(self) -> None:
+            from ray.util.queue import Queue
+
+            from styleray.platform import ray_train
+
+            if self.adopt is not None:
+                adopt_checkpoint(self.run_dir, self.adopt, self.trial_id, self.hp)
+            self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+            options = ray_train.RayOptions(gpus=self.sweep.gpus, cpus_per_worker=self.sweep.cpus_per_worker,
+                                           max_failures=1)
+            callbacks = [_forwarder_class()(self.queue)]
+
+            def train() -> None:
+                try:
+                    self.outcome["summary"] = ray_train.fit(self.run, data=self.data_info, resume="latest",
+                                                            options=options, metrics=self.plan, callbacks=callbacks)
+                except BaseException as e:  # noqa: BLE001 - raised by step() in the trial's thread
+                    self.outcome["error"] = e
+                finally:
+                    self.queue.put(("done", None, None))
+
+            self.thread = threading.Thread(target=train, name="styleray-trial-fit", daemon=True)
+            self.thread.start()
+
+        def step(self) -> dict[str, Any]:
+            if self.thread is None:
+                self._start()
+            while True:
+                kind, payload, ckpt_path = self.queue.get()
+                if kind == "controller":
+                    self.controller = payload
+                    continue
+                if kind == "done":
+                    self.thread.join()
+                    self.finished = True
+                    if "error" in self.outcome:
+                        raise self.outcome["error"]
+                    if self.last is None:
+                        raise SweepError(f"trial {self.trial_id} finished without measuring {self.objective.name}")
+                    return {**_tune_metrics(self.last[0], self.objective, self.trial_id, self.run_dir), "done": True}
+                record = payload
+                if record.get(self.objective.key) is None:
+                    continue  # an unmeasured tick: schedulers compare measured ones only
+                uri = None
+                if ckpt_path is not None:
+                    uri = storage.join(ckpt_lib.checkpoints_dir(self.run_dir), ckpt_path.rstrip("/").rsplit("/", 1)[-1])
+                self.last = (record, uri)
+                done = float(record["kimg"]) >= self.target_kimg - 1e-9
+                return {**_tune_metrics(record, self.objective, self.trial_id, self.run_dir), "done": done}
+
+        def cleanup(self) -> None:
+            """Tune stops the trial (finished, ASHA, PBT exploit): abort a Ray Train run still going."""
+            import ray
+
+            if self.thread is not None and self.thread.is_alive():
+                if self.controller is not None:
+                    log.info("trial %s stopped: aborting its Ray Train run", self.trial_id)
+                    try:
+                        ray.get(self.controller.abort.remote(), timeout=60)
+                    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                        pass  # abort ends the controller's process: its reply never comes
+                else:
+                    log.warning("trial %s stopped before its first report: its Ray Train run is left to Ray", self.trial_id)
+                self.thread.join(timeout=30)
+            if self.queue is not None:
+                self.queue.shutdown()
+
+    return SweepTrial
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -374,12 +431,12 @@ def _progress_callback(objective: Objective):
     return Progress()
 
 
-def _scheduler(sweep: SweepConfig, space: SearchSpace, max_ticks: int):
+def _scheduler(sweep: SweepConfig, space: SearchSpace, max_reports: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     if sweep.scheduler == "asha":
-        return ASHAScheduler(time_attr="training_iteration", max_t=max(max_ticks, 1),
-                             grace_period=min(sweep.grace_period, max(max_ticks, 1)), reduction_factor=2)
+        return ASHAScheduler(time_attr="training_iteration", max_t=max(max_reports, 1),
+                             grace_period=min(sweep.grace_period, max(max_reports, 1)), reduction_factor=2)
     if sweep.scheduler == "pbt":
         return PopulationBasedTraining(
             time_attr="training_iteration",
@@ -387,12 +444,12 @@ def _scheduler(sweep: SweepConfig, space: SearchSpace, max_ticks: int):
             hyperparam_mutations=space.pbt_mutations(),
             quantile_fraction=0.5,
             resample_probability=0.25,
-            synch=False,
+            synch=sweep.pbt_sync,
         )
     return FIFOScheduler()
 
 
-def _searcher(sweep: SweepConfig, objective: Objective):
+def _searcher(sweep: SweepConfig, objective: Objective, concurrent: int):
     if sweep.search == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
@@ -401,7 +458,7 @@ def _searcher(sweep: SweepConfig, objective: Objective):
         return OptunaSearch(metric=objective.key, mode="min", seed=sweep.seed)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=sweep.seed)
+    return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrent)
 
 
 def _max_concurrent(sweep: SweepConfig) -> int:
@@ -467,10 +524,10 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False) -> dict[str, Any]:
     plan = train_metrics.prepare(options, data_info, probe.model.resolution, probe.model.img_channels)
     if not resume:
         _write_sweep_file(sweep, objective)
-    max_ticks = math.ceil(probe.train.kimg / probe.train.tick_kimg)
+    max_reports = math.ceil(math.ceil(probe.train.kimg / probe.train.tick_kimg - 1e-9) / sweep.metrics_every)
     trainable = tune.with_resources(
-        tune.with_parameters(trial_main, sweep_dict=sweep.to_dict(), objective_dict=dataclasses.asdict(objective),
-                             plan=plan, data_info=data_info),
+        tune.with_parameters(_trainable_class(), sweep_dict=sweep.to_dict(),
+                             objective_dict=dataclasses.asdict(objective), plan=plan, data_info=data_info),
         {"CPU": 0.01},
     )
     tune_path = storage.join(out, TUNE_DIR)
@@ -491,9 +548,9 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False) -> dict[str, Any]:
                 metric=objective.key,
                 mode="min",
                 num_samples=1 if sweep.search == "grid" else sweep.trials,
-                scheduler=_scheduler(sweep, space, max_ticks),
-                search_alg=_searcher(sweep, objective),
-                max_concurrent_trials=concurrent,
+                scheduler=_scheduler(sweep, space, max_reports),
+                search_alg=_searcher(sweep, objective, concurrent),
+                max_concurrent_trials=concurrent if sweep.search == "optuna" else None,  # (the generator limits itself)
                 reuse_actors=False,
             ),
             run_config=tune.RunConfig(
