@@ -42,8 +42,8 @@ READY_TIMEOUT_S = 120.0  # Serve up and answering /healthz
 class DemoConfig:
     out: str = "demo-output"  # --out: where raw images, data, run, samples go
     images: int = 512  # --images: raw sample images to make
-    resolution: int = 32  # --resolution: training resolution, pixels (a power of two, 16..128)
-    kimg: float = 20.0  # --kimg: training length, thousands of images shown to the discriminator
+    resolution: int = 16  # --resolution: training resolution, pixels (a power of two, 16..128)
+    kimg: float = 24.0  # --kimg: training length, thousands of images shown to the discriminator
     port: int = 8000  # --port: HTTP port of Ray Serve on 127.0.0.1; 0 = any free port
     raw_size: int = 128  # --raw-size: longer side of the raw images, pixels
     wait: bool = True  # serve until Ctrl-C (False: --no-wait)
