@@ -226,7 +226,7 @@ def test_fid_inception_architecture_and_loading(tmp_path, caplog):
 
 
 def test_unknown_extractor_lists_the_registered_ones():
-    with pytest.raises(ValueError, match=f"choose one of inception-v3, {TINY}"):
+    with pytest.raises(ValueError, match=f"choose one of inception-v3, pixels-8x8, {TINY}"):
         metrics.build_extractor("clip")
     with pytest.raises(ValueError, match="already registered"):
         metrics.register_extractor(metrics.ExtractorSpec(TINY, lambda w: TinyExtractor(), 16))
