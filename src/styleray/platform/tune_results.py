@@ -1,6 +1,7 @@
 """A sweep's results: a ranked table (CSV and Markdown) and the best trial as a `styleray train --config` file.
 
-    OUT/results.csv        one row per trial, best first: rank, trial, status, the objective's best and last
+    OUT/results.csv        one row per trial, best first: rank, trial, status (finished, stopped early by the
+                           scheduler, error), the objective's best and last
                            values, fid/kid/diversity at that point, kimg, exploits (PBT), hyperparameters,
                            the trial's run folder and best checkpoint
     OUT/results.md         the same, for reading; its first line states the objective (and whether it is a proxy)
@@ -45,15 +46,25 @@ def _trial_row(result, objective, hp_keys: tuple[str, ...]) -> dict[str, Any]:
     exploits = 0
     if run_dir and storage.exists(storage.join(run_dir, "exploits.jsonl")):
         exploits = sum(1 for line in storage.read_bytes(storage.join(run_dir, "exploits.jsonl")).decode().splitlines() if line.strip())
+    target = None
+    if run_dir and storage.exists(storage.join(run_dir, "config.json")):
+        target = json.loads(storage.read_bytes(storage.join(run_dir, "config.json")))["train"]["kimg"]
+    kimg = _number(metrics.get("kimg"))
+    if result.error:
+        status = "error"
+    elif target is not None and kimg is not None and kimg < target - 1e-9:
+        status = "stopped"  # by the scheduler (ASHA), before its --kimg
+    else:
+        status = "finished"
     row = {
         "trial": trial_id,
-        "status": "error" if result.error else "done",
+        "status": status,
         f"best_{objective.name}": best,
         f"last_{objective.name}": last,
         "fid": _number(metrics.get("fid")),
         "kid": _number(metrics.get("kid")),
         "diversity_ratio": _number(metrics.get("diversity_ratio")),
-        "kimg": _number(metrics.get("kimg")),
+        "kimg": kimg,
         "ticks": metrics.get("tick"),
         "exploits": exploits,
     }

@@ -1,0 +1,127 @@
+"""`styleray train --metrics` (FID/KID during training, best.json by FID) and `train --config FILE.yaml`.
+A small extractor built here stands in for Inception; nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from styleray import cli
+from styleray.models import metrics
+from styleray.platform import checkpoint as ckpt_lib
+
+EXTRACTOR = "test-train-feats"
+
+
+def tiny_extractor_spec(name: str = EXTRACTOR) -> metrics.ExtractorSpec:
+    """A 16-feature conv extractor with fixed weights. Defined inside a function so that Ray pickles it by
+    value: the test module is not importable in Ray's worker processes."""
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.conv = nn.Conv2d(3, 8, 3, stride=2)
+            self.fc = nn.Linear(8 * 4, 16)
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+        def forward(self, images):  # uint8 [N, C, H, W] -> [N, 16]
+            x = images.float() / 127.5 - 1
+            x = torch.tanh(self.conv(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x))
+            return self.fc(nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))
+
+    return metrics.ExtractorSpec(name, lambda weights: Tiny(), 16, "test extractor")
+
+
+@pytest.fixture
+def tiny_extractor():
+    metrics.register_extractor(tiny_extractor_spec(), replace=True)
+    yield EXTRACTOR
+    metrics.EXTRACTORS.pop(EXTRACTOR, None)
+
+
+TRAIN = ["train", "--preset", "cpu-tiny", "--batch", "8", "--tick", "0.016", "--no-ray", "--no-progress",
+         "--resume", "none", "--device", "cpu"]
+
+
+def test_train_metrics_records_fid_and_picks_best_by_fid(tiny_data, tmp_path, tiny_extractor, helpers):
+    """3 ticks, measured every 2 (tick 2) and at the end (tick 3); snapshots only where measured."""
+    out = tmp_path / "run"
+    code = cli.main([*TRAIN, "--data", tiny_data, "--out", str(out), "--kimg", "0.048", "--snap", "10",
+                     "--metrics", "fid,kid", "--metrics-every", "2", "--metrics-num-gen", "24",
+                     "--extractor", tiny_extractor])
+    assert code == 0
+    records = helpers.metrics(out)
+    assert [r["tick"] for r in records] == [1, 2, 3]
+    assert "fid" not in records[0]
+    for r in records[1:]:
+        assert r["fid"] > 0 and r["kid"] == r["kid"] and r["diversity_ratio"] > 0
+        assert r["metrics_extractor"] == tiny_extractor and r["num_gen"] == 24
+    assert [os.path.basename(u) for u in ckpt_lib.list_checkpoints(str(out))] == \
+        ["ckpt-000000000032", "ckpt-000000000048"]  # measured ticks are kept: one of them is the best
+    best = json.loads((out / "best.json").read_text())
+    assert best["criterion"] == "fid"
+    fids = {r["tick"]: r["fid"] for r in records[1:]}
+    assert best["value"] == pytest.approx(min(fids.values()))
+    assert best["tick"] == min(fids, key=fids.get)
+    ck = ckpt_lib.load_checkpoint(best["uri"])
+    assert ck.meta["metrics"]["fid"] == pytest.approx(best["value"])
+
+
+def test_missing_inception_weights_fail_before_training(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(metrics.INCEPTION_ENV, raising=False)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cli.main([*TRAIN, "--data", tiny_data, "--out", str(out), "--kimg", "0.016", "--metrics", "fid"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert metrics.INCEPTION_FILE in err and "--inception PATH" in err and metrics.INCEPTION_ENV in err
+    assert not out.exists()  # nothing was trained or written
+
+
+def test_bad_metrics_flags_name_the_flag(tiny_data, tmp_path, capsys):
+    for flags, message in [
+        (["--metrics", "fid,lpips"], "--metrics fid,lpips: choose from fid, kid"),
+        (["--metrics", "fid", "--extractor", "nope"], "--extractor 'nope' is not registered"),
+        (["--metrics", "fid", "--extractor", "pixels-8x8", "--metrics-every", "0"], "--metrics-every 0 must be >= 1"),
+    ]:
+        with pytest.raises(SystemExit):
+            cli.main([*TRAIN, "--data", tiny_data, "--out", str(tmp_path / "r"), *flags])
+        assert message in capsys.readouterr().err
+
+
+def _train_args(argv):
+    return cli.build_parser().parse_args(argv)
+
+
+def test_config_file_sets_defaults_and_flags_win(tmp_path):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("train:\n  data: d\n  preset: cpu-tiny\n  lr-g: 0.004\n  batch: 16\n  mirror: true\n"
+                   "  gpus: false\n  metrics: [fid, kid]\n")
+    args = _train_args(["-v", "train", "--config", str(cfg), "--out", "o", "--batch", "8"])
+    assert (args.data, args.preset, args.lr_g, args.batch, args.mirror, args.gpus, args.metrics) == \
+        ("d", "cpu-tiny", 0.004, 8, True, False, "fid,kid")
+    run = cli.build_run_config(args, 16, 3, 0)
+    assert run.train.lr_g == 0.004 and run.train.lr_d == 0.0025 and run.train.batch == 8 and run.train.mirror
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data: d\nlr_q: 0.1\n", "unknown key 'lr_q': not a train setting"),
+    ("data: d\nmirror: 1\n", "mirror is a switch: write true or false"),
+    ("- a\n- b\n", "expected a mapping of train settings"),
+    ("data: d\nbatch: many\n", "argument --batch: invalid int value: 'many'"),
+])
+def test_config_file_errors_are_clear(tmp_path, capsys, text, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--config", str(cfg), "--out", "o"])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
