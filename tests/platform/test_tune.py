@@ -192,12 +192,14 @@ def test_pbt_sweep_exploits_completes_and_ranks(ray_local, tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_killed_sweep_resumes_and_completes(ray_local, tiny_data, tmp_path, capsys):
-    """`styleray tune` (optuna + ASHA, proxy objective) in a subprocess on this cluster, killed (SIGKILL)
-    after the first trial report; `styleray tune --resume` finishes it from the trials' checkpoints."""
+    """`styleray tune` (optuna + ASHA, proxy objective, 2 workers per trial: the measured images are split
+    over them and gathered) in a subprocess on this cluster, killed (SIGKILL) after the first trial report;
+    `styleray tune --resume` finishes it from the trials' checkpoints."""
     out = tmp_path / "sweep"
     space = _write(tmp_path / "space.yaml", "lr_g: {loguniform: [0.001, 0.004]}\nmap: {choice: [1, 2]}\n")
     argv = ["tune", "--data", tiny_data, "--out", str(out), "--space", space, "--trials", "2", "--scheduler", "asha",
-            "--search", "optuna", "--metric", "pixel-fid", "--metrics-num-gen", "32", "--kimg", "0.064",
+            "--search", "optuna", "--metric", "pixel-fid", "--metrics-num-gen", "33", "--kimg", "0.064",
+            "--workers-per-trial", "2", "--cpus-per-worker", "0.45",
             "--train-config", _write(tmp_path / "train.yaml", TRIAL_TRAIN)]
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, RAY_USAGE_STATS_ENABLED="0")
     log = open(tmp_path / "tune.log", "wb")
@@ -229,5 +231,7 @@ def test_killed_sweep_resumes_and_completes(ray_local, tiny_data, tmp_path, caps
         assert len(records) >= lines
         if len(records) > lines:
             assert records[lines]["resumed_kimg"] > 0 or records[lines]["tick"] == 1
+    config = json.load(open(out / "trials" / rows[0]["trial"] / "config.json"))
+    assert config["train"]["workers"] == 2 and float(rows[0]["kimg"]) == pytest.approx(0.064)
     assert any(r["status"] == "finished" for r in rows) and all(r["status"] in ("finished", "stopped") for r in rows)
     assert yaml.safe_load(open(out / "best_config.yaml"))["extractor"] == "pixels-8x8"
