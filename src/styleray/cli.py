@@ -534,6 +534,10 @@ def _cmd_tune(args) -> int:
     from styleray.platform.tune import SweepConfig, run_sweep
 
     if args.resume:
+        given = [f"--{a.dest.replace('_', '-')}" for a in _subparser(build_parser(), "tune")._actions
+                 if a.dest not in ("help", "out", "resume") and getattr(args, a.dest) != a.default]
+        if given:
+            log.warning("--resume continues the sweep with its saved settings (sweep.json); ignoring %s", " ".join(given))
         summary = run_sweep(SweepConfig(data="", out=args.out, space_file=""), resume=True)
     else:
         if not args.data or not args.space:

@@ -64,6 +64,9 @@ def test_space_suits_the_search_and_the_scheduler():
     with pytest.raises(ValueError, match=r"--search optuna samples distributions, but space.yaml: map is a grid"):
         space.check_search("optuna", "asha")
     assert space.grid_size() == 2 and set(space.pbt_mutations()) == {"lr_g"}  # batch and map shape the networks
+    assert space.num_trials("random", 3) == 6 and space.num_trials("optuna", 3) == 3
+    discrete = parse_space({"map": {"grid": [1, 2]}, "batch": {"choice": [8, 16, 32]}, "mirror": True})
+    assert discrete.num_trials("grid", 99) == 6 and discrete.tune_space("grid")["batch"] == {"grid_search": [8, 16, 32]}
     with pytest.raises(ValueError, match="--scheduler pbt perturbs .* varies none of them"):
         parse_space({"map": {"choice": [1, 2]}}).check_search("random", "pbt")
     tuned = space.tune_space("random")

@@ -340,10 +340,10 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False) -> dict[str, Any]:
             raise ValueError(f"--resume: {tune_path} holds no Tune state to restore; start the sweep without --resume")
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        grid = space.grid_size() if sweep.search != "optuna" else 1
-        log.info("%d trial(s) (%s search, %s scheduler), %d at a time, %d worker(s) each, objective %s",
-                 sweep.trials * grid, sweep.search, sweep.scheduler, concurrent, sweep.workers_per_trial,
-                 objective.name)
+        log.info("%d trial(s) (%s search%s, %s scheduler), %d at a time, %d worker(s) each, objective %s",
+                 space.num_trials(sweep.search, sweep.trials), sweep.search,
+                 ": every combination once, --trials does not apply" if sweep.search == "grid" else "",
+                 sweep.scheduler, concurrent, sweep.workers_per_trial, objective.name)
         tuner = tune.Tuner(
             trainable,
             param_space=space.tune_space(sweep.search),

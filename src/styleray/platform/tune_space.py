@@ -63,8 +63,16 @@ class SearchSpace:
     def keys(self) -> tuple[str, ...]:
         return tuple(p.key for p in self.params)
 
-    def grid_size(self) -> int:
-        return math.prod(len(p.values) for p in self.params if p.kind == "grid")
+    def grid_size(self, search: str = "random") -> int:
+        """Combinations crossed: the grid entries (with --search grid, the choice entries too)."""
+        axes = ("grid", "choice") if search == "grid" else ("grid",)
+        return math.prod(len(p.values) for p in self.params if p.kind in axes)
+
+    def num_trials(self, search: str, samples: int) -> int:
+        """Trials a sweep runs: every combination once (grid), or samples per grid combination."""
+        if search == "grid":
+            return self.grid_size("grid")
+        return samples * (self.grid_size() if search == "random" else 1)
 
     def tune_space(self, search: str) -> dict[str, Any]:
         """Ray Tune's param_space for this search ("grid", "random" or "optuna")."""

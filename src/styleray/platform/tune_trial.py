@@ -201,12 +201,15 @@ def trainable_class():
                     uri = storage.join(ckpt_lib.checkpoints_dir(self.run_dir), ckpt_path.rstrip("/").rsplit("/", 1)[-1])
                 self.last = (record, uri)
                 done = float(record["kimg"]) >= self.target_kimg - 1e-9
+                self.finished = self.finished or done
                 return {**_tune_metrics(record, self.objective, self.trial_id, self.run_dir), "done": done}
 
         def cleanup(self) -> None:
             """Tune stops the trial (finished, ASHA, PBT exploit): abort a Ray Train run still going."""
             import ray
 
+            if self.thread is not None and self.finished:
+                self.thread.join(timeout=60)  # the last tick is reported: the run is only wrapping up
             if self.thread is not None and self.thread.is_alive():
                 if self.controller is not None:
                     log.info("trial %s stopped: aborting its Ray Train run", self.trial_id)
