@@ -17,6 +17,8 @@ import sys
 import time
 
 import pytest
+import torch
+import torch.nn as nn
 import yaml
 
 from styleray import cli
@@ -104,6 +106,30 @@ def test_the_objective_is_named_and_never_a_silent_fallback(tmp_path, monkeypatc
     assert sweeps.resolve_objective("auto").name == "fid" and not sweeps.resolve_objective("auto").proxy
 
 
+def test_results_rank_trials_by_their_lowest_objective(tmp_path):
+    """Lower is better; a trial that never reported the objective comes last; the objective is stated."""
+    import pandas as pd
+
+    from styleray.platform import tune_results
+
+    class Result:  # the parts of ray.tune.Result the table reads
+        def __init__(self, trial, values, error=None):
+            self.metrics = {"styleray_trial": trial, "kimg": 0.5, "tick": 3, **({"fid": values[-1]} if values else {})}
+            self.metrics_dataframe = pd.DataFrame({"fid": values}) if values else None
+            self.config, self.error, self.path = {"gamma": 0.1}, error, str(tmp_path / trial)
+
+    objective = sweeps.Objective("pixel-fid", "fid", "pixels-8x8", None, True, "PROXY for FID")
+    rows = tune_results.rank_rows([tune_results._trial_row(r, objective, ("gamma",)) for r in [
+        Result("a", [50.0, 40.0, 45.0]), Result("b", [], error=RuntimeError("boom\nmore")), Result("c", [42.0, 30.0]),
+    ]], objective)
+    assert [(r["rank"], r["trial"], r["best_pixel-fid"], r["last_pixel-fid"]) for r in rows] == \
+        [(1, "c", 30.0, 30.0), (2, "a", 40.0, 45.0), (3, "b", None, None)]
+    assert rows[2]["status"] == "error" and rows[2]["error"] == "boom"
+    md = tune_results.to_markdown(rows, objective, "Sweep")
+    assert "Objective: **pixel-fid**, lower is better: PROXY for FID." in md and "- b: boom" in md
+    assert tune_results.to_csv(rows).splitlines()[0].startswith("rank,trial,status,best_pixel-fid")
+
+
 def test_a_ray_train_snapshot_naming_pruned_checkpoints_is_set_aside(tmp_path):
     """Ray Train refuses to start in a run folder whose snapshot names a missing checkpoint (pruned by --keep,
     set aside by an exploit); styleray resumes from its own checkpoints, so the snapshot goes aside."""
@@ -123,6 +149,27 @@ def test_a_ray_train_snapshot_naming_pruned_checkpoints_is_set_aside(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # Real sweeps
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _extractor_spec(name: str) -> metrics.ExtractorSpec:
+    """A 12-feature extractor (a fixed random projection of 4x4 thumbnails), defined inside a function so that
+    Ray pickles it by value into the trials' processes (this module is not importable there)."""
+
+    class Thumbnails(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(48, 12)
+            g = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g))
+
+        def forward(self, images):  # uint8 [N, C, H, W] -> [N, 12]
+            x = images.float() / 127.5 - 1
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            return torch.tanh(self.proj(nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)))
+
+    return metrics.ExtractorSpec(name, lambda weights: Thumbnails(), 12, "test extractor")
 
 
 def _trial_dirs(out) -> list[str]:
@@ -145,10 +192,8 @@ def test_pbt_sweep_exploits_completes_and_ranks(ray_local, tiny_data, tmp_path):
     """Two trials of cpu-tiny (1 worker each, 4 ticks), measured every tick with an extractor built here,
     synchronous PBT perturbing at tick 2: the worse trial copies the better one's checkpoint and trains on from
     it (synchronous, so that the exploit does not depend on which trial reports first)."""
-    from test_train_metrics import tiny_extractor_spec  # tests/platform is on sys.path (rootdir conftest)
-
     name = "test-tune-feats"
-    metrics.register_extractor(tiny_extractor_spec(name), replace=True)
+    metrics.register_extractor(_extractor_spec(name), replace=True)
     try:
         out = tmp_path / "sweep"
         space = _write(tmp_path / "space.yaml",
