@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+from styleray.demo import DemoConfig, make_raw, pick_port
+
 
 STYLERAY = os.path.join(os.path.dirname(sys.executable), "styleray")
 RESOLUTION, IMAGES, KIMG = 16, 48, 0.064
@@ -53,6 +54,37 @@ def first_run(tmp_path_factory):
     return out, done, time.monotonic() - t0
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"images": 8}, "--images 8 must be >= 16"),
+    ({"resolution": 24}, "--resolution 24 must be a power of two"),
+    ({"kimg": 0}, "--kimg 0 must be > 0"),
+    ({"port": 70000}, "--port 70000 must lie in 0-65535"),
+    ({"raw_size": 32}, "--raw-size 32 must lie within 64..2048"),
+])
+def test_bad_settings_are_refused_with_the_flag(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DemoConfig(**kwargs)
+
+
+def test_a_taken_port_is_refused_before_any_work():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(ValueError, match=f"--port {s.getsockname()[1]} is in use"):
+            pick_port(s.getsockname()[1])
+    assert pick_port(0) > 0
+
+
+def test_a_raw_folder_the_demo_did_not_make_is_left_alone(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "mine.png").write_bytes(b"precious")
+    with pytest.raises(ValueError, match="was not made by styleray demo"):
+        make_raw(DemoConfig(out=str(tmp_path)))
+    assert (tmp_path / "raw" / "mine.png").read_bytes() == b"precious"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_no_wait_runs_every_stage_and_fetches_the_samples_over_http(first_run):
     out, done, seconds = first_run
     log = done.stdout + done.stderr
@@ -70,6 +102,8 @@ def test_no_wait_runs_every_stage_and_fetches_the_samples_over_http(first_run):
     assert seconds < 240
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_the_grid_is_the_trained_generators(first_run):
     """What came over HTTP are the served checkpoint's samples: seeds 0..63 at truncation 0.7."""
     from styleray.models import sampling
@@ -105,6 +139,8 @@ def _wait_for_line(lines: queue.Queue, pattern: str, seen: list[str], timeout: f
     raise AssertionError(f"no line matching {pattern!r} within {timeout}s:\n" + "".join(seen[-60:]))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_a_second_run_resumes_serves_until_ctrl_c_and_its_urls_answer(first_run):
     out, done, _ = first_run
     assert done.returncode == 0

@@ -175,7 +175,11 @@ def make_raw(cfg: DemoConfig) -> str:
                 return f"kept {cfg.images} raw images from an earlier run"
     except (OSError, ValueError):
         pass
-    shutil.rmtree(cfg.raw_dir, ignore_errors=True)  # other settings: no stale files may reach prepare
+    if os.path.isdir(cfg.raw_dir) and os.listdir(cfg.raw_dir):
+        if not os.path.exists(stamp_path):  # never delete a folder the demo did not make
+            raise ValueError(f"--out {cfg.out}: {cfg.raw_dir} exists and was not made by styleray demo; "
+                             "choose another --out (e.g. demo-output)")
+        shutil.rmtree(cfg.raw_dir)  # made with other settings: no stale image may reach prepare
     make_sample_dataset(cfg.raw_dir, n=cfg.images, size=cfg.raw_size, seed=0, masks=False, progress=True)
     write_atomic(stamp_path, json.dumps(stamp).encode())
     return f"made {cfg.images} raw images (up to {cfg.raw_size}px, solid/gradient/noise/stripes backgrounds)"
@@ -387,6 +391,9 @@ def run_demo(cfg: DemoConfig) -> int:
         say(f"\ndone in {clock.total:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in clock.stages.items()) + ")")
         for name, url in urls(base, dashboard).items():
             say(f"  {name + ':':15s} {url}")
+        token = _auth_token_file()
+        if dashboard and token:
+            say(f"  {'Ray token:':15s} {token} (token auth is on: the dashboard asks for it)")
         if cfg.wait:
             say("serving; press Ctrl-C to stop")
             _wait_for_stop()
@@ -408,6 +415,14 @@ def _wait_for_stop() -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
     say("stopping")
+
+
+def _auth_token_file() -> str | None:
+    """Where the cluster's auth token lies, when token auth is on (Ray's default)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    return path if os.path.exists(path) else None
 
 
 def _loadavg() -> str | None:
