@@ -8,6 +8,8 @@
     translate failures into messages a user can        every tick ray.train.report(metrics); every --snap
       act on                                             ticks rank 0 writes a checkpoint into the run folder
                                                          and reports it to Ray Train (no second copy)
+    --metrics: the extractor and the dataset's         every --metrics-every ticks: FID/KID of G_ema, the
+      statistics (train_metrics.prepare)                 images split over the ranks, features all-gathered
 
 The run folder (``--out``) is Ray Train's experiment folder: ``storage_path`` is its parent and ``name`` its
 base name, so styleray's checkpoints (``checkpoints/ckpt-*``, see ``checkpoint.py``) sit inside what Ray
@@ -171,7 +173,7 @@ def _maybe_fail(spec: dict[str, Any] | None, rank: int, kimg: float) -> None:
 
 # Tick statistics exported as Ray metrics (the dashboard's Metrics view, Prometheus), tagged by run name.
 DASHBOARD_METRICS = ("kimg", "sec_per_kimg", "img_per_sec", "loss_G", "loss_D", "r1_penalty", "pl_penalty",
-                     "augment_p", "r_t", "memory_mb", "rollbacks")
+                     "augment_p", "r_t", "memory_mb", "rollbacks", "fid", "kid", "diversity_ratio")
 
 
 def _dashboard_gauges(run_name: str):

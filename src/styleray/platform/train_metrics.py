@@ -57,6 +57,7 @@ class MetricsPlan:
     weights: str | None  # resolved weights path (None: the extractor needs none)
     real: Any  # styleray.models.metrics.FeatureStats of the dataset (or a Ray ObjectRef to it, see ray_train)
     info: dict[str, Any] = field(default_factory=dict)  # extractor, num_real, cache: for the log
+    labels: Any = None  # the dataset's classes (int array) for a conditional G: generated classes follow them
 
 
 def parse_options(
@@ -124,7 +125,12 @@ def prepare(options: MetricsOptions, data, resolution: int, channels: int, devic
         "metrics %s every %d tick(s): %d generated images vs %d of the data, extractor %s",
         info["metrics"], options.every, options.num_gen, real.num, extractor.name,
     )
-    return MetricsPlan(options, spec, weights, real, info)
+    labels = None
+    if data.labels:  # image folders with dataset.json labels (Parquet: classes drawn uniformly)
+        import numpy as np
+
+        labels = np.array([data.labels[f] for f in data.files if f in data.labels], dtype=np.int64)
+    return MetricsPlan(options, spec, weights, real, info, labels)
 
 
 class TickEvaluator:
@@ -137,6 +143,7 @@ class TickEvaluator:
 
         self.options = plan.options
         self.real = real if real is not None else plan.real
+        self.labels = plan.labels
         metrics.register_extractor(plan.spec, replace=True)  # a worker process may not know it yet
         self.extractor = metrics.build_extractor(plan.spec.name, plan.weights, device)
         self.device = device
@@ -153,7 +160,7 @@ class TickEvaluator:
         try:
             out = metrics.evaluate_generator(
                 G, self.real, self.extractor, metrics=self.options.metrics, num_gen=self.options.num_gen,
-                batch_size=self.options.batch, rank=rank, world_size=world,
+                labels=self.labels, batch_size=self.options.batch, rank=rank, world_size=world,
                 kid_subsets=self.options.kid_subsets, kid_subset_size=self.options.kid_subset_size,
                 device=self.device,
             )
