@@ -83,6 +83,17 @@ def test_a_raw_folder_the_demo_did_not_make_is_left_alone(tmp_path):
     assert (tmp_path / "raw" / "mine.png").read_bytes() == b"precious"
 
 
+def test_raw_images_are_kept_remade_after_an_interruption_or_remade_for_new_settings(tmp_path):
+    cfg = DemoConfig(out=str(tmp_path), images=16, raw_size=64)
+    assert make_raw(cfg).startswith("made 16")
+    assert make_raw(cfg).startswith("kept 16")
+    stamp = tmp_path / "raw" / "demo-raw.json"
+    stamp.write_text(stamp.read_text().replace("true", "false"))  # as if interrupted while making them
+    assert make_raw(cfg).startswith("made 16")
+    assert make_raw(DemoConfig(out=str(tmp_path), images=17, raw_size=64)).startswith("made 17")
+    assert len(os.listdir(tmp_path / "raw" / "images")) == 17
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_no_wait_runs_every_stage_and_fetches_the_samples_over_http(first_run):

@@ -167,8 +167,8 @@ def make_raw(cfg: DemoConfig) -> str:
     """Raw sample figures in OUT/raw/images; kept when the stamp says they were made with these settings."""
     from styleray.datasets.synthetic import make_sample_dataset
 
-    stamp_path = os.path.join(cfg.raw_dir, "demo-raw.json")
-    stamp = {"images": cfg.images, "size": cfg.raw_size, "seed": 0}
+    stamp_path = os.path.join(cfg.raw_dir, "demo-raw.json")  # written first (complete: false), then completed
+    stamp = {"images": cfg.images, "size": cfg.raw_size, "seed": 0, "complete": True}
     try:
         with open(stamp_path, encoding="utf-8") as f:
             if json.load(f) == stamp:
@@ -179,7 +179,9 @@ def make_raw(cfg: DemoConfig) -> str:
         if not os.path.exists(stamp_path):  # never delete a folder the demo did not make
             raise ValueError(f"--out {cfg.out}: {cfg.raw_dir} exists and was not made by styleray demo; "
                              "choose another --out (e.g. demo-output)")
-        shutil.rmtree(cfg.raw_dir)  # made with other settings: no stale image may reach prepare
+        shutil.rmtree(cfg.raw_dir)  # other settings, or interrupted: no stale image may reach prepare
+    os.makedirs(cfg.raw_dir)
+    write_atomic(stamp_path, json.dumps({**stamp, "complete": False}).encode())
     make_sample_dataset(cfg.raw_dir, n=cfg.images, size=cfg.raw_size, seed=0, masks=False, progress=True)
     write_atomic(stamp_path, json.dumps(stamp).encode())
     return f"made {cfg.images} raw images (up to {cfg.raw_size}px, solid/gradient/noise/stripes backgrounds)"
