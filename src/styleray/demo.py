@@ -53,7 +53,7 @@ class DemoConfig:
         if self.images < batch:
             raise ValueError(f"--images {self.images} must be >= {batch} (one cpu-tiny batch; the demo default is 512)")
         if not 16 <= self.resolution <= 128 or self.resolution & (self.resolution - 1):
-            raise ValueError(f"--resolution {self.resolution} must be a power of two within 16..128 (e.g. 32)")
+            raise ValueError(f"--resolution {self.resolution} must be a power of two within 16..128 (e.g. 16 or 32)")
         if not self.kimg > 0:
             raise ValueError(f"--kimg {self.kimg} must be > 0")
         if not 0 <= self.port < 65536:
