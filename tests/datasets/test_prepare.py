@@ -102,3 +102,18 @@ def test_rembg_custom_onnx_model_runs_in_the_actor_pool(ray_local, sample_raw, t
     assert len(processed) == 16 and {f["mask_source"] for f in processed} == {"rembg"}
     assert report.accepted >= 4, report.rejections  # a fixed-weight toy net: solid backgrounds come out
     _check_outputs(out)
+
+
+def test_one_task_per_block_of_at_most_batch_size(ray_local, sample_raw, tmp_path):
+    """16 images in batches of 3: 6 tasks, none larger than 3 (Ray Data must not bundle two blocks per task)."""
+    from styleray.datasets.pipeline import Job, build_dataset
+    from styleray.datasets.sources import Store, list_sources
+
+    cfg = _config(sample_raw / "images", tmp_path / "data")
+    Store(cfg.out_location).ensure()
+    job = Job(source=cfg.source_location, out=cfg.out_location, resolution=RES, margin=cfg.margin,
+              min_size=cfg.min_size, max_pixels=cfg.max_pixels, work_size=1024, remover="classic", rembg_model=None)
+    sources = [rel for rel, _ in list_sources(cfg.source_location).files]
+    ds = build_dataset(job, sources, workers=2, batch_size=3)
+    blocks = [len(b["record"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+    assert sum(blocks) == 16 and len(blocks) == 6 and max(blocks) <= 3, blocks

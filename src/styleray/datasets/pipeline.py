@@ -294,7 +294,13 @@ def _placement(job: Job) -> dict:
 
 
 def build_dataset(job: Job, sources: list[str], *, workers: int, batch_size: int):
-    """The Ray Data pipeline over `sources`: a Dataset of {"record": JSON text}."""
+    """The Ray Data pipeline over `sources`: a Dataset of {"record": JSON text}.
+
+    The listing is cut into blocks of at most `batch_size` images and every stage takes one whole block per
+    call (`batch_size=None`): one task per block, as many tasks as blocks. Passing `batch_size` to
+    `map_batches` instead would make Ray Data bundle blocks until it holds `batch_size` rows, and since the
+    blocks are a little smaller than that, every task would take two of them: half as many tasks, twice as
+    long, and a longer tail where one worker finishes alone."""
     import ray.data
 
     fingerprint = job.fingerprint()
@@ -303,18 +309,18 @@ def build_dataset(job: Job, sources: list[str], *, workers: int, batch_size: int
     ds = ray.data.from_items([{"source": s} for s in sources], override_num_blocks=n_blocks)
     if job.remover != "rembg":
         return ds.map_batches(classic_batch, fn_kwargs={"job": job, "fingerprint": fingerprint},
-                              batch_size=batch_size, num_cpus=1, compute=ray.data.TaskPoolStrategy(size=workers),
+                              batch_size=None, num_cpus=1, compute=ray.data.TaskPoolStrategy(size=workers),
                               **where)
     # rembg: CPU work in tasks, the ONNX sessions in an actor pool. Fractional CPUs so that the actors never
     # hold every CPU while the tasks wait for one (RAY_NOTES: whole-CPU actors deadlock on 2 CPUs); per worker
     # 0.25 (decode) + 0.5 (actor) + 0.25 (finish) = 1 CPU, so N workers fit N CPUs with every stage running. The decode
     # tasks ask for a different share than the actors so that Ray Data does not fuse them into the actors: an
     # actor (one day on a GPU) should only run its model while decoding proceeds in parallel.
-    ds = ds.map_batches(load_batch, fn_kwargs={"job": job, "fingerprint": fingerprint}, batch_size=batch_size,
+    ds = ds.map_batches(load_batch, fn_kwargs={"job": job, "fingerprint": fingerprint}, batch_size=None,
                         num_cpus=0.25, compute=ray.data.TaskPoolStrategy(size=workers), **where)
-    ds = ds.map_batches(RembgBatch, fn_constructor_kwargs={"job": job}, batch_size=batch_size,
+    ds = ds.map_batches(RembgBatch, fn_constructor_kwargs={"job": job}, batch_size=None,
                         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0.5, **where)
-    return ds.map_batches(finish_batch, fn_kwargs={"job": job}, batch_size=batch_size, num_cpus=0.25,
+    return ds.map_batches(finish_batch, fn_kwargs={"job": job}, batch_size=None, num_cpus=0.25,
                           compute=ray.data.TaskPoolStrategy(size=workers), **where)
 
 
