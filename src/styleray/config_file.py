@@ -32,17 +32,22 @@ def _option_dests(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]
     return out
 
 
-def load_settings(path: str) -> dict[str, Any]:
-    """The mapping of settings in a YAML file (top level, or under ``train:``); ValueError when unreadable."""
+def read_yaml(path: str, flag: str = "--config") -> Any:
+    """The document in a local YAML file; ValueError naming `flag` and the file when unreadable or invalid."""
     import yaml
 
     try:
         with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except OSError as e:
-        raise ValueError(f"--config {path}: {e.strerror or e}") from None
+        raise ValueError(f"{flag} {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"--config {path} is not valid YAML: {e}") from None
+        raise ValueError(f"{flag} {path} is not valid YAML: {e}") from None
+
+
+def load_settings(path: str) -> dict[str, Any]:
+    """The mapping of settings in a YAML file (top level, or under ``train:``); ValueError when unreadable."""
+    doc = read_yaml(path)
     if doc is None:
         return {}
     if isinstance(doc, dict) and set(doc) == {"train"}:

@@ -202,13 +202,6 @@ def parse_space(doc: Any, source: str = "space.yaml") -> SearchSpace:
 
 
 def load_space(path: str) -> SearchSpace:
-    import yaml
+    from styleray.config_file import read_yaml
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
-    except OSError as e:
-        raise ValueError(f"--space {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"--space {path} is not valid YAML: {e}") from None
-    return parse_space(doc, path)
+    return parse_space(read_yaml(path, "--space"), path)

@@ -64,15 +64,9 @@ def train_parser() -> argparse.ArgumentParser:
 
 def load_yaml(path: str) -> tuple[dict[str, Any], list[str]]:
     """(queue fields: name, priority, max_attempts; train arguments) from a request YAML file."""
-    import yaml
+    from styleray.config_file import read_yaml
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
-    except OSError as e:
-        raise ValueError(f"--config {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"--config {path} is not valid YAML: {e}") from None
+    doc = read_yaml(path)
     if not isinstance(doc, dict):
         raise ValueError(f"--config {path}: expected a mapping of train flags (data:, out:, kimg:, ...)")
     queue = {k: doc[k] for k in QUEUE_KEYS if k in doc}
