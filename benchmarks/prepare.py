@@ -370,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--counts", default="1000,2500,5000", help="memory: image counts")
     p.add_argument("--repeats", type=int, default=2, help="speed: runs per mode (best counts)")
     p.add_argument("--cases", default=",".join(CASES), help=f"speed: which of {', '.join(CASES)}")
+    p.add_argument("--count", type=int, default=None,
+                   help="speed: images per case instead of the case's own count (fixed costs show as n varies)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.what == "_one":
@@ -380,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start", flush=True)
     cases = [CASES[c] for c in args.cases.split(",")]
+    if args.count:
+        cases = [(label, size, args.count, remover) for label, size, _, remover in cases]
     speed_rows = speed(args.root, cases, args.repeats) if args.what in ("speed", "all") else []
     counts = [int(c) for c in args.counts.split(",")]
     mem_rows = memory(args.root, counts, args.size) if args.what in ("memory", "all") else []
