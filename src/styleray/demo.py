@@ -25,6 +25,8 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 
+from styleray.platform import storage
+
 log = logging.getLogger(__name__)
 
 STAGES = 5
@@ -82,13 +84,6 @@ class DemoConfig:
 def say(text: str) -> None:
     """Stage headers and results go to stdout (the user's view); details go to logging."""
     print(text, flush=True)
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def pick_port(port: int) -> int:
@@ -181,9 +176,9 @@ def make_raw(cfg: DemoConfig) -> str:
                              "choose another --out (e.g. demo-output)")
         shutil.rmtree(cfg.raw_dir)  # other settings, or interrupted: no stale image may reach prepare
     os.makedirs(cfg.raw_dir)
-    write_atomic(stamp_path, json.dumps({**stamp, "complete": False}).encode())
+    storage.write_bytes(stamp_path, json.dumps({**stamp, "complete": False}).encode())
     make_sample_dataset(cfg.raw_dir, n=cfg.images, size=cfg.raw_size, seed=0, masks=False, progress=True)
-    write_atomic(stamp_path, json.dumps(stamp).encode())
+    storage.write_bytes(stamp_path, json.dumps(stamp).encode())
     return f"made {cfg.images} raw images (up to {cfg.raw_size}px, solid/gradient/noise/stripes backgrounds)"
 
 
@@ -321,8 +316,8 @@ def fetch(cfg: DemoConfig, base: str) -> dict[str, str]:
         if im.format != "GIF" or im.n_frames != 16 * len(MORPH_SEEDS):
             raise RuntimeError(f"the morph is a {im.format} of {getattr(im, 'n_frames', 1)} frames")
     paths = {"grid": os.path.join(cfg.out, "grid.png"), "morph": os.path.join(cfg.out, "morph.gif")}
-    write_atomic(paths["grid"], grid)
-    write_atomic(paths["morph"], gif)
+    storage.write_bytes(paths["grid"], grid)
+    storage.write_bytes(paths["morph"], gif)
     return paths
 
 
@@ -389,7 +384,7 @@ def run_demo(cfg: DemoConfig) -> int:
         clock.done(f"{paths['grid']}, {paths['morph']}")
         timings = {"stages_s": clock.stages, "total_s": round(clock.total, 1), "config": asdict(cfg),
                    "loadavg": _loadavg(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        write_atomic(os.path.join(cfg.out, "timings.json"), (json.dumps(timings, indent=1) + "\n").encode())
+        storage.write_bytes(os.path.join(cfg.out, "timings.json"), (json.dumps(timings, indent=1) + "\n").encode())
         say(f"\ndone in {clock.total:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in clock.stages.items()) + ")")
         for name, url in urls(base, dashboard).items():
             say(f"  {name + ':':15s} {url}")

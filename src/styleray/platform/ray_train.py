@@ -322,7 +322,7 @@ def retire_stale_train_snapshot(run_dir: str) -> None:
     try:
         names = [r["checkpoint_dir_name"] for r in json.loads(storage.read_bytes(path))["checkpoint_results"]]
     except (ValueError, KeyError, TypeError) as e:
-        names, missing = [], [f"unreadable ({e})"]
+        missing = [f"unreadable ({e})"]
     else:
         missing = [n for n in names if not storage.exists(storage.join(run_dir, n))]
     if missing:
