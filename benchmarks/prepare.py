@@ -7,8 +7,11 @@
 
 Every measurement runs in a fresh subprocess (a fresh Ray with ``num_cpus`` = 1 or 2), on a fresh OUT, so
 nothing is cached. "loop" is ``engine="local"``: the same per-image functions called one after another in one
-process, no Ray at all. Images/s is over the pipeline only (``report.timings["pipeline_s"]``: Ray's start-up,
-the listing and the final publishing step are excluded; they are printed separately).
+process, no Ray at all. "2 loops" is the machine's own ceiling at 2 CPUs: two such loops at once, each in its
+own process on its own half of the images, sharing nothing (what perfect parallelism with no framework would
+give on these cores; on a VM, two busy cores each run a little slower than one). Images/s is over the
+pipeline only (``report.timings["pipeline_s"]``: Ray's start-up, the listing and the final publishing step are
+excluded; they are printed separately).
 
 rembg: the real U²-Net weights are a user-supplied file and are not on this machine (and nothing is ever
 downloaded), so the rembg figures use a stand-in exported here: a fixed-weight border-contrast segmenter plus a
@@ -16,12 +19,13 @@ convolutional trunk that makes it cost like a real model (~9 GFLOP per 320x320 i
 differ), run through rembg's ``u2net_custom`` session exactly as a real model would be.
 
 CPU time: user + system seconds of the benchmark process and all its descendants (driver, raylet, GCS, agents,
-workers, actors), sampled every 0.1 s so that processes Ray ends before the run returns still count. It is far
+workers, actors), sampled every 0.5 s so that processes Ray ends before the run returns still count. It is far
 less sensitive than wall time to other work on a shared machine, so Ray's overhead is read from it.
 
 Memory: the proportional set size (PSS: shared pages split between the processes that map them, so the Ray
 object store is counted once) summed over the benchmark process and all its descendants (driver, raylet, GCS,
-workers), sampled every 0.2 s.
+workers), sampled every 0.2 s, by the memory suite only: that sampling itself costs 0.1-0.3 of a core with
+Ray's dozen processes, which would be taken from the run being timed.
 """
 
 from __future__ import annotations
@@ -79,12 +83,12 @@ def generate(out: Path, n: int, size: int, seed: int = 0, procs: int = 2) -> Pat
     return out
 
 
-def subset(images: Path, n: int, root: Path) -> Path:
-    """A folder of symlinks to the first n images (so that counts can vary without copying)."""
-    names = sorted(p for p in os.listdir(images) if not p.startswith("."))[:n]
+def subset(images: Path, n: int, root: Path, start: int = 0) -> Path:
+    """A folder of symlinks to n images from the start-th (so that counts can vary without copying)."""
+    names = sorted(p for p in os.listdir(images) if not p.startswith("."))[start:start + n]
     if len(names) < n:
-        raise SystemExit(f"{images} holds {len(names)} images, fewer than {n}: run `gen` with a larger --n")
-    folder = root / f"subset-{images.name}-{n}"
+        raise SystemExit(f"{images} holds too few images for {start} + {n}: run `gen` with a larger --n")
+    folder = root / (f"subset-{images.name}-{n}" + (f"-from{start}" if start else ""))
     if not folder.exists() or len(os.listdir(folder)) != n:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -180,9 +184,9 @@ def _tree_cpu_ticks(pid: int) -> dict[int, int]:
 
 
 class CpuMeter:
-    """CPU seconds used by this process and its descendants between start() and stop(), sampled every 0.1 s:
+    """CPU seconds used by this process and its descendants between start() and stop(), sampled every 0.5 s:
     Ray Data ends its actors and Ray its idle workers before the run returns, and a process that is gone can
-    no longer be read (the last < 0.1 s of such a process is missed)."""
+    no longer be read (the last < 0.5 s of such a process is missed)."""
 
     def start(self) -> "CpuMeter":
         self.base = _tree_cpu_ticks(os.getpid())
@@ -193,7 +197,7 @@ class CpuMeter:
         return self
 
     def _run(self):
-        while not self.stop_event.wait(0.1):
+        while not self.stop_event.wait(0.5):
             self.last.update(_tree_cpu_ticks(os.getpid()))
 
     def stop(self) -> float:
@@ -214,8 +218,10 @@ def _tree_pss(pid: int) -> int:
     return total * 1024
 
 
-def run_one(spec: dict) -> dict:
-    """Runs one measurement in a subprocess; returns its JSON result plus the peak PSS of its process tree."""
+def run_one(spec: dict, memory: bool = False) -> dict:
+    """Runs one measurement in a subprocess; returns its JSON result, plus the peak PSS of its process tree
+    when `memory`. Speed runs do not sample memory: reading smaps_rollup of every Ray process five times a
+    second costs this (unmeasured) process 0.1-0.3 of a core, taken from the run it measures on 2 cores."""
     cmd = [sys.executable, __file__, "_one", json.dumps(spec)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
@@ -231,16 +237,44 @@ def run_one(spec: dict) -> dict:
             stop.wait(0.2)
 
     t = threading.Thread(target=sample, daemon=True)
-    t.start()
+    if memory:
+        t.start()
     out, _ = proc.communicate()
     stop.set()
-    t.join()
+    if memory:
+        t.join()
     lines = [ln for ln in out.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"measurement failed ({proc.returncode}): {spec}\n{out[-2000:]}")
     result = json.loads(lines[-1])
-    result["peak_pss_mib"] = round(peak / 2**20, 1)
+    result["peak_pss_mib"] = round(peak / 2**20, 1) if memory else None
     return result
+
+
+def run_split(spec: dict, halves: list[Path]) -> dict:
+    """The machine's own ceiling at 2 CPUs: two plain loops at once, each in its own process on its own half
+    of the images (no Ray, no hand-over, nothing shared). img/s counts every image over the longer of the two
+    pipelines (both start together: each is a fresh process started at the same moment)."""
+    results: list[dict] = [{}, {}]
+
+    def go(i: int):
+        results[i] = run_one({**spec, "mode": "loop", "cpus": 1, "source": str(halves[i]),
+                              "out": f"{spec['out']}-{i}"})
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if not all(results):
+        raise RuntimeError(f"one of the two loops failed: {spec}")
+    listed = sum(r["listed"] for r in results)
+    slowest = max(r["pipeline_s"] for r in results)
+    cpu_ms = sum(r["cpu_ms_per_image"] * r["listed"] for r in results) / listed
+    return {**results[0], **spec, "listed": listed, "accepted": sum(r["accepted"] for r in results),
+            "pipeline_s": round(slowest, 2), "images_per_s": round(listed / slowest, 2),
+            "cpu_ms_per_image": round(cpu_ms, 2), "ray_start_s": 0.0, "batch_size": None,
+            "halves_s": [r["pipeline_s"] for r in results]}
 
 
 def _one(spec: dict) -> None:
@@ -277,7 +311,7 @@ def _one(spec: dict) -> None:
 # ------------------------------------------------------------------------------------------------ suites
 
 
-MODES = (("loop", 1), ("ray", 1), ("ray", 2))
+MODES = (("loop", 1), ("loop", 2), ("ray", 1), ("ray", 2))  # ("loop", 2): two loops at once, half each
 
 
 def speed(root: Path, cases: list[tuple[str, int, int, str]], repeats: int) -> list[dict]:
@@ -289,6 +323,7 @@ def speed(root: Path, cases: list[tuple[str, int, int, str]], repeats: int) -> l
         if len(os.listdir(images)) < n:
             generate(images, n, size)
         source = subset(images, n, root)
+        halves = [subset(images, n // 2, root), subset(images, n - n // 2, root, start=n // 2)]
         best: dict[tuple, dict] = {}
         min_cpu: dict[tuple, float] = {}  # CPU time is robust to other load on the machine: the least counts
         for _ in range(repeats):
@@ -296,13 +331,14 @@ def speed(root: Path, cases: list[tuple[str, int, int, str]], repeats: int) -> l
                 spec = dict(mode=mode, cpus=cpus, source=str(source), out=str(root / "out-speed"), resolution=256,
                             remover=remover, model=model if remover == "rembg" else None, n=n, size=size,
                             label=label)
-                r = run_one(spec)
+                r = run_split(spec, halves) if (mode, cpus) == ("loop", 2) else run_one(spec)
                 key = (mode, cpus)
                 r["load_avg"] = round(os.getloadavg()[0], 1)
                 min_cpu[key] = min(min_cpu.get(key, float("inf")), r["cpu_ms_per_image"])
                 if key not in best or r["images_per_s"] > best[key]["images_per_s"]:
                     best[key] = r
-                print(f"  {label:28s} {mode:4s} {cpus} CPU  {r['images_per_s']:7.1f} img/s  "
+                name = "2 loops" if (mode, cpus) == ("loop", 2) else f"{mode} {cpus} CPU"
+                print(f"  {label:28s} {name:10s} {r['images_per_s']:7.1f} img/s  "
                       f"{r['cpu_ms_per_image']:6.1f} CPU ms/img  (pipeline {r['pipeline_s']:.1f}s, ray start "
                       f"{r['ray_start_s']:.1f}s, batch {r['batch_size']}, load {os.getloadavg()[0]:.1f})", flush=True)
         loop = best[("loop", 1)]
@@ -322,11 +358,11 @@ def memory(root: Path, counts: list[int], size: int) -> list[dict]:
     for n in counts:
         spec = dict(mode="ray", cpus=2, source=str(subset(images, n, root)), out=str(root / "out-mem"),
                     resolution=256, remover="classic", n=n, size=size, label=f"memory {n}")
-        r = run_one(spec)
+        r = run_one(spec, memory=True)
         print(f"  {n:5d} images: peak PSS {r['peak_pss_mib']:.0f} MiB, {r['images_per_s']:.1f} img/s", flush=True)
         rows.append(r)
     idle = run_one(dict(mode="ray", cpus=2, source=str(subset(images, 8, root)), out=str(root / "out-mem"),
-                        resolution=256, remover="classic", n=8, size=size, label="memory 8"))
+                        resolution=256, remover="classic", n=8, size=size, label="memory 8"), memory=True)
     print(f"  {8:5d} images: peak PSS {idle['peak_pss_mib']:.0f} MiB (Ray's own footprint)", flush=True)
     return [idle] + rows
 
@@ -334,16 +370,18 @@ def memory(root: Path, counts: list[int], size: int) -> list[dict]:
 def markdown(speed_rows: list[dict], mem_rows: list[dict]) -> str:
     lines = []
     if speed_rows:
-        lines += ["| case | images | loop img/s | Ray 1 CPU img/s (vs loop) | Ray 2 CPUs img/s (vs loop) "
-                  "| CPU ms/img: loop / Ray 1 / Ray 2 |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += ["| case | images | loop img/s | 2 loops img/s (vs loop) | Ray 1 CPU img/s (vs loop) "
+                  "| Ray 2 CPUs img/s (vs loop; vs 2 loops) | CPU ms/img: loop / Ray 1 / Ray 2 |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         by_label: dict[str, dict] = {}
         for r in speed_rows:
             by_label.setdefault(r["label"], {})[(r["mode"], r["cpus"])] = r
         for label, d in by_label.items():
-            lp, r1, r2 = d[("loop", 1)], d[("ray", 1)], d[("ray", 2)]
-            lines.append(f"| {label} | {lp['n']} | {lp['images_per_s']:.1f} | {r1['images_per_s']:.1f} "
-                         f"({r1['vs_loop']:.2f}x) | {r2['images_per_s']:.1f} ({r2['vs_loop']:.2f}x) "
+            lp, l2, r1, r2 = d[("loop", 1)], d[("loop", 2)], d[("ray", 1)], d[("ray", 2)]
+            lines.append(f"| {label} | {lp['n']} | {lp['images_per_s']:.1f} | {l2['images_per_s']:.1f} "
+                         f"({l2['vs_loop']:.2f}x) | {r1['images_per_s']:.1f} ({r1['vs_loop']:.2f}x) "
+                         f"| {r2['images_per_s']:.1f} ({r2['vs_loop']:.2f}x; "
+                         f"{r2['images_per_s'] / l2['images_per_s']:.2f}) "
                          f"| {lp['min_cpu_ms']:.1f} / {r1['min_cpu_ms']:.1f} / {r2['min_cpu_ms']:.1f} |")
     if mem_rows:
         lines += ["", "| images (Ray, 2 CPUs, classic) | peak PSS of all processes | img/s |", "|---:|---:|---:|"]

@@ -172,4 +172,5 @@ def test_auto_batch_size_amortises_tiny_images_and_spreads_big_ones():
     assert auto_batch_size([400_000] * 5000, 2, "classic") == 2  # ~1 MiB per task
     assert auto_batch_size([10_000] * 40, 2, "classic") == 5  # every worker gets 4 batches
     assert auto_batch_size([10_000] * 3, 8, "classic") == 1
-    assert auto_batch_size([10_000] * 5000, 2, "rembg") == 4
+    assert auto_batch_size([10_000] * 5000, 2, "rembg") == 16  # the model dominates: a smaller cap
+    assert auto_batch_size([10_000] * 40, 2, "rembg") == 5  # and every worker still gets 4 batches

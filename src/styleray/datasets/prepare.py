@@ -211,17 +211,23 @@ def _resolve_remover(cfg: PrepareConfig):
 
 BATCH_BYTES = 1 << 20  # auto batch: about this much encoded input per task
 MAX_BATCH = 64
+MAX_REMBG_BATCH = 16
 
 
 def auto_batch_size(sizes: list[int], workers: int, remover: str) -> int:
     """Images per task: ~1 MiB of encoded input (tiny images in big batches, so Ray's per-task overhead is
-    amortised; big ones in small batches), at most 64, and small enough to give every worker 4 batches."""
+    amortised; big ones in small batches), at most 64, and small enough to give every worker 4 batches.
+
+    rembg: at most 16 images per block, whatever their size (the model's cost dominates and does not depend on
+    the file size). Its pipeline has three stages, so every block costs three tasks of Ray Data's scheduling in
+    the driver: with 4 images per block that was ~10 ms of driver CPU per image (1000 × 320 px, 2 CPUs), with
+    16 ~6 ms (benchmarks/RESULTS.md, Prepare)."""
+    by_spread = max(1, len(sizes) // (4 * max(workers, 1)))
     if remover == "rembg":
-        return 4  # the model dominates; small batches keep the actors evenly loaded
+        return min(MAX_REMBG_BATCH, by_spread)
     mean = max(1.0, sum(sizes) / max(len(sizes), 1))
     by_bytes = int(BATCH_BYTES / mean)
-    by_spread = len(sizes) // (4 * max(workers, 1))
-    return max(1, min(MAX_BATCH, by_bytes, max(by_spread, 1)))
+    return max(1, min(MAX_BATCH, by_bytes, by_spread))
 
 
 def _run_pipeline(cfg: PrepareConfig, job: Job, sources: list[str], workers: int, bar,
