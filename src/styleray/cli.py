@@ -192,7 +192,9 @@ def _cmd_train(args) -> int:
                 from styleray.platform.train_metrics import TickEvaluator, prepare
 
                 info = inspect_dataset(storage.absolute(args.data), storage.pyarrow_filesystem(args.data)[0])
-                plan = prepare(metrics_options, info, run.model.resolution, run.model.img_channels, args.device)
+                same = list(info.files) == list(data.files)  # then its images are the ones already in memory
+                plan = prepare(metrics_options, info, run.model.resolution, run.model.img_channels, args.device,
+                               images=data.images if same else None)
                 hooks.evaluate, hooks.evaluate_every = TickEvaluator(plan, args.device), metrics_options.every
             summary = run_training(run, sampler, resume=resume, hooks=hooks)
         else:

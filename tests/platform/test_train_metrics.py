@@ -74,6 +74,28 @@ def test_train_metrics_records_fid_and_picks_best_by_fid(tiny_data, tmp_path, ti
     assert ck.meta["metrics"]["fid"] == pytest.approx(best["value"])
 
 
+def test_no_ray_metrics_use_the_images_already_in_memory(tiny_data, tmp_path, tiny_extractor, monkeypatch, helpers):
+    """`train --no-ray` has the whole dataset decoded for training: a cold statistics cache must not make it
+    decode the folder a second time (spied on; the real function runs)."""
+    import shutil
+
+    from styleray.datasets import ray_reader
+
+    data = tmp_path / "data"  # a fresh copy: its statistics cache is cold
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns(".*"))
+    calls = []
+    real_decode_all = ray_reader.decode_all
+    monkeypatch.setattr(ray_reader, "decode_all", lambda *a, **k: calls.append(a) or real_decode_all(*a, **k))
+    out = tmp_path / "run"
+    assert cli.main([*TRAIN, "--data", str(data), "--out", str(out), "--kimg", "0.016", "--metrics", "fid",
+                     "--metrics-num-gen", "16", "--extractor", tiny_extractor]) == 0
+    assert calls == []
+    cached = [p for p in data.rglob("*") if p.is_file() and tiny_extractor in p.name]
+    assert cached, "the statistics were computed (and cached) in this run"
+    fids = [r["fid"] for r in helpers.metrics(out) if "fid" in r]
+    assert fids and all(f > 0 for f in fids)
+
+
 def test_missing_inception_weights_fail_before_training(tiny_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv(metrics.INCEPTION_ENV, raising=False)

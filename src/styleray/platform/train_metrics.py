@@ -94,9 +94,12 @@ def resolve_weights(extractor: str, weights: str | None) -> str | None:
     return weights
 
 
-def prepare(options: MetricsOptions, data, resolution: int, channels: int, device: str = "cpu") -> MetricsPlan:
+def prepare(options: MetricsOptions, data, resolution: int, channels: int, device: str = "cpu",
+            images=None) -> MetricsPlan:
     """On the driver, before training: build the extractor (fails fast without its weights) and compute the
-    dataset's reference statistics (cached next to a local image folder). ``data`` is a DatasetInfo."""
+    dataset's reference statistics (cached next to a local image folder). ``data`` is a DatasetInfo;
+    ``images``: the dataset already decoded (uint8 [N, H, W, C] in ``data.files``' order, as ``train --no-ray``
+    holds it), so that a cold statistics cache does not decode it a second time."""
     from styleray.datasets.ray_reader import decode_all
     from styleray.models import metrics
     from styleray.platform import storage
@@ -114,7 +117,7 @@ def prepare(options: MetricsOptions, data, resolution: int, channels: int, devic
         data.uri if local_folder else "",
         extractor,
         files=list(data.files),
-        load_images=lambda: decode_all(data, use_labels=False)[0],
+        load_images=(lambda: images) if images is not None else (lambda: decode_all(data, use_labels=False)[0]),
         resolution=resolution,
         channels=channels,
         cache=local_folder,
