@@ -8,11 +8,16 @@ pipeline and the single-process loop run exactly the same code:
     finish   measurements (foreground, frame touch, cartoon score, framing), square on white, Lanczos,
              perceptual hash, features; write ``.prepare/cache/<key>.png`` then its record
 
-Ray Data: ``from_items(listing)`` -> ``map_batches(load)`` (tasks) -> ``map_batches(segment)`` (tasks for the
-classic remover; an actor pool with one ONNX session per actor for rembg) -> ``map_batches(finish)`` (tasks).
-Consecutive task stages are fused by Ray Data. Items between stages are pickled dicts in a binary column (images
-of any shape travel without Arrow tensor types). Execution streams, so memory stays bounded by the blocks in
-flight, whatever the number of images.
+Ray Data: ``from_items(listing)`` -> one ``map_batches`` stage that takes a whole block of the listing and runs
+load -> segment -> finish on each of its images, returning records (JSON text). Classic remover: Ray tasks.
+rembg: an actor pool, one ONNX session per actor, reused for every block the actor gets.
+
+Why one stage, also for rembg: a pipeline of three stages (load in tasks -> rembg actors -> finish in tasks)
+was measured against this one on 1000 × 320 px images at 2 CPUs (benchmarks/RESULTS.md, Prepare): 19–21 img/s
+and 95–102 CPU ms per image, against 26 img/s and 75 ms for the single stage (the plain loop: 15.5 img/s,
+64 ms). With every core busy, the split gains no overlap; it only adds work: decoded images pickled through the
+object store twice, three tasks of driver-side scheduling per block, and six processes time-slicing two cores.
+Execution streams, so memory stays bounded by the blocks in flight, whatever the number of images.
 
 Accept/reject *decisions* on the measurements are taken later, on the driver (:mod:`styleray.datasets.prepare`),
 so that changing a threshold or ``--framing`` re-runs nothing.
@@ -25,7 +30,6 @@ import io
 import json
 import logging
 import os
-import pickle
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -239,45 +243,30 @@ def run_loop(job: Job, sources: list[str]):
         yield finish(job, segment(load(job, fingerprint, source, store), segmenter), store)
 
 
-def _pack(items: list[Item]) -> dict:
-    return {"item": np.array([pickle.dumps(it, protocol=5) for it in items], dtype=object)}
-
-
-def _unpack(batch: dict) -> list[Item]:
-    return [pickle.loads(b) for b in batch["item"]]
-
-
 def _records(records: list[dict]) -> dict:
     return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
 
 
+def _process(job: Job, fingerprint: str, sources, segmenter: RembgSegmenter | None) -> dict:
+    store = Store(job.out)
+    return _records([finish(job, segment(load(job, fingerprint, str(s), store), segmenter), store) for s in sources])
+
+
 def classic_batch(batch: dict, job: Job, fingerprint: str) -> dict:
-    """Ray Data task stage, classic remover: load, segment and finish in one task (nothing to hand over)."""
-    store = Store(job.out)
-    return _records([finish(job, segment(load(job, fingerprint, str(s), store), None), store)
-                     for s in batch["source"]])
-
-
-def load_batch(batch: dict, job: Job, fingerprint: str) -> dict:
-    """Ray Data task stage: listing rows -> loaded items."""
-    store = Store(job.out)
-    return _pack([load(job, fingerprint, str(s), store) for s in batch["source"]])
+    """Ray Data task, classic remover: a block of listing rows -> their records."""
+    return _process(job, fingerprint, batch["source"], None)
 
 
 class RembgBatch:
-    """Ray Data actor stage: one rembg ONNX session per actor, reused for every batch it gets."""
+    """Ray Data actor, rembg: one ONNX session per actor, reused for every block it gets; a block of listing
+    rows -> their records (decoding and finishing run here too: see the module docstring)."""
 
-    def __init__(self, job: Job):
+    def __init__(self, job: Job, fingerprint: str):
+        self.job, self.fingerprint = job, fingerprint
         self.segmenter = RembgSegmenter(job.rembg_model, job.rembg_threads)
 
     def __call__(self, batch: dict) -> dict:
-        return _pack([segment(it, self.segmenter) for it in _unpack(batch)])
-
-
-def finish_batch(batch: dict, job: Job) -> dict:
-    """Ray Data task stage: measurements, square output, records."""
-    store = Store(job.out)
-    return _records([finish(job, it, store) for it in _unpack(batch)])
+        return _process(self.job, self.fingerprint, batch["source"], self.segmenter)
 
 
 def _placement(job: Job) -> dict:
@@ -311,17 +300,17 @@ def build_dataset(job: Job, sources: list[str], *, workers: int, batch_size: int
         return ds.map_batches(classic_batch, fn_kwargs={"job": job, "fingerprint": fingerprint},
                               batch_size=None, num_cpus=1, compute=ray.data.TaskPoolStrategy(size=workers),
                               **where)
-    # rembg: CPU work in tasks, the ONNX sessions in an actor pool. Fractional CPUs so that the actors never
-    # hold every CPU while the tasks wait for one (RAY_NOTES: whole-CPU actors deadlock on 2 CPUs); per worker
-    # 0.25 (decode) + 0.5 (actor) + 0.25 (finish) = 1 CPU, so N workers fit N CPUs with every stage running. The decode
-    # tasks ask for a different share than the actors so that Ray Data does not fuse them into the actors: an
-    # actor (one day on a GPU) should only run its model while decoding proceeds in parallel.
-    ds = ds.map_batches(load_batch, fn_kwargs={"job": job, "fingerprint": fingerprint}, batch_size=None,
-                        num_cpus=0.25, compute=ray.data.TaskPoolStrategy(size=workers), **where)
-    ds = ds.map_batches(RembgBatch, fn_constructor_kwargs={"job": job}, batch_size=None,
-                        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0.5, **where)
-    return ds.map_batches(finish_batch, fn_kwargs={"job": job}, batch_size=None, num_cpus=0.25,
-                          compute=ray.data.TaskPoolStrategy(size=workers), **where)
+    # Each actor keeps a core busy (single-threaded ONNX session, then the CPU work around it): one CPU each
+    # when there is a CPU per worker where the actors may go; a share when --workers asks for more actors than
+    # that, so that every one of them is placed rather than left pending.
+    if where:  # pinned to this node
+        node = ray.get_runtime_context().get_node_id()
+        cpus = next(float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["NodeID"] == node)
+    else:
+        cpus = float(ray.cluster_resources().get("CPU", 0))
+    return ds.map_batches(RembgBatch, fn_constructor_kwargs={"job": job, "fingerprint": fingerprint},
+                          batch_size=None, num_cpus=max(0.01, min(1.0, cpus / workers)),
+                          compute=ray.data.ActorPoolStrategy(size=workers), **where)
 
 
 def run_ray(job: Job, sources: list[str], *, workers: int, batch_size: int):

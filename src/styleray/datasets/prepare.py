@@ -218,10 +218,9 @@ def auto_batch_size(sizes: list[int], workers: int, remover: str) -> int:
     """Images per task: ~1 MiB of encoded input (tiny images in big batches, so Ray's per-task overhead is
     amortised; big ones in small batches), at most 64, and small enough to give every worker 4 batches.
 
-    rembg: at most 16 images per block, whatever their size (the model's cost dominates and does not depend on
-    the file size). Its pipeline has three stages, so every block costs three tasks of Ray Data's scheduling in
-    the driver: with 4 images per block that was ~10 ms of driver CPU per image (1000 × 320 px, 2 CPUs), with
-    16 ~6 ms (benchmarks/RESULTS.md, Prepare)."""
+    rembg: at most 16 images per block, whatever their size: the model's cost dominates and does not depend on
+    the file size, and 16 images (~1 s of work on a CPU) amortise Ray Data's scheduling of each block in the
+    driver, which cost ~10 ms of driver CPU per image with blocks of 4 (benchmarks/RESULTS.md, Prepare)."""
     by_spread = max(1, len(sizes) // (4 * max(workers, 1)))
     if remover == "rembg":
         return min(MAX_REMBG_BATCH, by_spread)
