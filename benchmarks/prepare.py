@@ -294,7 +294,7 @@ def _one(spec: dict) -> None:
     cfg = PrepareConfig(source=spec["source"], out=spec["out"], resolution=spec["resolution"],
                         remover=spec["remover"], rembg_model=spec.get("model") or "u2net",
                         engine="local" if spec["mode"] == "loop" else "ray",
-                        workers=None if spec["mode"] == "loop" else spec["cpus"], progress=False,
+                        workers=None if spec["mode"] == "loop" else spec.get("workers", spec["cpus"]), progress=False,
                         min_size=32, batch_size=spec.get("batch_size"))
     meter = CpuMeter().start()  # Ray's processes included
     report = prepare_dataset(cfg)

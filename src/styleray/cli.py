@@ -331,7 +331,8 @@ def _add_prepare(sub) -> None:
     p.add_argument("--clusters", type=int, default=C.clusters, metavar="K",
                    help="k-means classes as labels for conditional training; 0: framing classes")
     p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="parallel tasks and rembg actors (default: the Ray cluster's CPUs)")
+                   help="parallel tasks or rembg actors, a CPU each, or a share of one when N exceeds the CPUs "
+                        "(default: the Ray cluster's CPUs)")
     p.add_argument("--engine", choices=["ray", "local"], default=C.engine,
                    help="ray: Ray Data pipeline; local: a plain loop in this process (small sets of tiny images)")
     g = p.add_argument_group("outlier thresholds")

@@ -296,21 +296,28 @@ def build_dataset(job: Job, sources: list[str], *, workers: int, batch_size: int
     where = _placement(job)
     n_blocks = max(1, min(len(sources), -(-len(sources) // batch_size)))
     ds = ray.data.from_items([{"source": s} for s in sources], override_num_blocks=n_blocks)
+    # Each task or actor keeps a core busy: one CPU each when there is a CPU per worker where they may run; a
+    # share when --workers asks for more than that, so that all of them run (and rembg actors are all placed
+    # rather than left pending).
+    share = max(0.01, min(1.0, _cpus_here(where) / workers))
     if job.remover != "rembg":
         return ds.map_batches(classic_batch, fn_kwargs={"job": job, "fingerprint": fingerprint},
-                              batch_size=None, num_cpus=1, compute=ray.data.TaskPoolStrategy(size=workers),
+                              batch_size=None, num_cpus=share, compute=ray.data.TaskPoolStrategy(size=workers),
                               **where)
-    # Each actor keeps a core busy (single-threaded ONNX session, then the CPU work around it): one CPU each
-    # when there is a CPU per worker where the actors may go; a share when --workers asks for more actors than
-    # that, so that every one of them is placed rather than left pending.
-    if where:  # pinned to this node
-        node = ray.get_runtime_context().get_node_id()
-        cpus = next(float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["NodeID"] == node)
-    else:
-        cpus = float(ray.cluster_resources().get("CPU", 0))
+    # rembg: one actor stage (see the module docstring), one ONNX session per actor.
     return ds.map_batches(RembgBatch, fn_constructor_kwargs={"job": job, "fingerprint": fingerprint},
-                          batch_size=None, num_cpus=max(0.01, min(1.0, cpus / workers)),
-                          compute=ray.data.ActorPoolStrategy(size=workers), **where)
+                          batch_size=None, num_cpus=share, compute=ray.data.ActorPoolStrategy(size=workers),
+                          **where)
+
+
+def _cpus_here(where: dict) -> float:
+    """The CPUs the pipeline may use: this node's when it is pinned to it, else the cluster's."""
+    import ray
+
+    if where:
+        node = ray.get_runtime_context().get_node_id()
+        return next(float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["NodeID"] == node)
+    return float(ray.cluster_resources().get("CPU", 0))
 
 
 def run_ray(job: Job, sources: list[str], *, workers: int, batch_size: int):
