@@ -240,16 +240,19 @@ def run_loop(job: Job, sources: list[str]):
     store = Store(job.out)
     segmenter = RembgSegmenter(job.rembg_model, job.rembg_threads) if job.remover == "rembg" else None
     for source in sources:
-        yield finish(job, segment(load(job, fingerprint, source, store), segmenter), store)
+        yield process_image(job, fingerprint, source, store, segmenter)
 
 
-def _records(records: list[dict]) -> dict:
-    return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
+def process_image(job: Job, fingerprint: str, source: str, store: Store, segmenter: RembgSegmenter | None) -> dict:
+    """load -> segment -> finish for one image: its record. What both engines run."""
+    return finish(job, segment(load(job, fingerprint, source, store), segmenter), store)
 
 
 def _process(job: Job, fingerprint: str, sources, segmenter: RembgSegmenter | None) -> dict:
+    """A block of listing rows -> {"record": JSON text per image}."""
     store = Store(job.out)
-    return _records([finish(job, segment(load(job, fingerprint, str(s), store), segmenter), store) for s in sources])
+    records = [process_image(job, fingerprint, str(s), store, segmenter) for s in sources]
+    return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
 
 
 def classic_batch(batch: dict, job: Job, fingerprint: str) -> dict:
@@ -311,11 +314,11 @@ def build_dataset(job: Job, sources: list[str], *, workers: int, batch_size: int
 
 
 def _cpus_here(where: dict) -> float:
-    """The CPUs the pipeline may use: this node's when it is pinned to it, else the cluster's."""
+    """The CPUs the pipeline may use: those of the node `where` pins it to, else the cluster's."""
     import ray
 
     if where:
-        node = ray.get_runtime_context().get_node_id()
+        node = where["label_selector"]["ray.io/node-id"]
         return next(float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["NodeID"] == node)
     return float(ray.cluster_resources().get("CPU", 0))
 
