@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 from styleray.config import ModelConfig, TrainConfig
 from styleray.models import loss as L
-from styleray.models.augment import AdaController, AugmentPipe
+from styleray.models.ada import AdaController
+from styleray.models.augment import AugmentPipe
 from styleray.models.networks import Discriminator, Generator, requires_grad
 
 log = logging.getLogger(__name__)
