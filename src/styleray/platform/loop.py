@@ -315,7 +315,7 @@ class TrainingRun:
         else:
             self.trainer = StyleGAN2Trainer(self.run.model, self.cfg, self.device)
             self.tick, self.last_good, self.last_ckpt = 0, None, None
-        self.trainer.seed_everything(self.cfg.seed * 1000 + self.rank + 7919 * self.rollbacks)
+        self.trainer.reseed(self.cfg.seed * 1000 + self.rank + 7919 * self.rollbacks)
         self.monitor.reset()
         if self.hooks.is_chief:
             keep = ck.name if ck is not None else ""
