@@ -80,6 +80,9 @@ def test_rejects_bad_input_with_clear_errors() -> None:
         bgc(0.5)(torch.randn(2, 4, 16, 16))
     with pytest.raises(ValueError, match="xflip=-1"):
         AugmentPipe(xflip=-1)
+    with pytest.raises(ValueError, match=r"imgfilter_bands=\(1, -1, 1, 1\)\): each value must be"):
+        AugmentPipe(imgfilter_bands=[1, -1, 1, 1])
+    assert AugmentPipe(imgfilter_bands=[1, 1, 0, 1]).spec.imgfilter_bands == (1, 1, 0, 1)  # a list is kept as a tuple
     only("rotate", 1.0)(torch.randn(2, 4, 16, 16))  # geometry alone works for any channel count
 
 

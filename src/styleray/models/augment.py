@@ -98,11 +98,13 @@ class AugmentSpec:
     cutout_size: float = 0.5  # side of the cutout square, fraction of image size
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "imgfilter_bands", tuple(self.imgfilter_bands))  # a list is fine too
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             for v in value if isinstance(value, tuple) else (value,):
                 if not math.isfinite(float(v)) or float(v) < 0:
-                    raise ValueError(f"AugmentPipe({f.name}={value}) must be a finite number >= 0 (0 disables it)")
+                    each = "each value " if isinstance(value, tuple) else ""
+                    raise ValueError(f"AugmentPipe({f.name}={value}): {each}must be a finite number >= 0 (0 disables it)")
         if len(self.imgfilter_bands) != FILTER_BANDS:
             raise ValueError(f"AugmentPipe(imgfilter_bands={self.imgfilter_bands}) needs {FILTER_BANDS} values")
 
