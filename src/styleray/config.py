@@ -144,8 +144,10 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """A resolved training run: model + training schedule + where data and results live."""
+class RunSpec:
+    """A resolved training run: model + training schedule + where data and results live (written as
+    config.json into every run folder and checkpoint). Named apart from ``ray.train.RunConfig`` and
+    ``ray.tune.RunConfig`` on purpose."""
 
     model: ModelConfig
     train: TrainConfig
@@ -161,7 +163,7 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunSpec":
         train = dict(d["train"])
         train["betas"] = tuple(train.get("betas", (0.0, 0.99)))
         return cls(
@@ -213,7 +215,7 @@ PRESETS: dict[str, PresetSpec] = {
     "paper512": PresetSpec("ADA paper, 512x512 datasets.", 8, 64, 8, 1.0, 0.0025, 0.5, 20.0, None, map=8),
     "paper1024": PresetSpec("ADA paper, 1024x1024 datasets.", 8, 32, 4, 1.0, 0.002, 2.0, 10.0, None, map=8),
     "cpu-tiny": PresetSpec(
-        "A few channels, for tests and the CPU demo (32-64 px; trains in minutes on 2 cores).",
+        "A few channels, for tests and the CPU demo (16-32 px; trains in minutes on 2 cores).",
         None, 16, 4, 2048 / 32768, 0.0025, 0.1, 1.0, 0.05, map=2,
         channel_max=64, z_dim=64, w_dim=64,
         extra_train={"tick_kimg": 0.5, "snap": 4, "ada_kimg": 20.0},
@@ -290,6 +292,6 @@ def resolve_preset(
     if train.batch_per_worker % model.mbstd_group != 0:
         raise ValueError(
             f"per-worker batch {train.batch_per_worker} (--batch {train.batch} / --workers {train.workers}) "
-            f"must be divisible by the minibatch std group {model.mbstd_group} (change --batch or --mbstd-group)"
+            f"must be divisible by the minibatch std group {model.mbstd_group} (change --batch or --workers)"
         )
     return model, train
