@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -252,94 +253,117 @@ def _run_pipeline(cfg: PrepareConfig, job: Job, sources: list[str], workers: int
 def prepare_dataset(cfg: PrepareConfig) -> PrepareReport:
     """Runs the whole preparation (see the module docstring); returns the report also written to OUT."""
     t_start = time.perf_counter()
-    src, out = cfg.source_location, cfg.out_location
     remover, model = _resolve_remover(cfg)  # fails here, before any work, when a model file is missing
-    store = Store(out)
+    store = Store(cfg.out_location)
     store.ensure()
-    listing = list_sources(src, exclude=out)
+    listing = list_sources(cfg.source_location, exclude=cfg.out_location)
     if not listing.files:
-        raise ValueError(f"SOURCE {src.uri} holds no images ({listing.ignored} other files)")
-    job = Job(source=src, out=out, resolution=cfg.resolution, margin=cfg.margin, min_size=cfg.min_size,
-              max_pixels=cfg.max_pixels, work_size=cfg.work_size or max(1024, 2 * cfg.resolution),
-              remover=remover, rembg_model=model)
-    started, workers = False, 1
-    ctx = old_bars = None
-    if cfg.engine == "ray":
-        started, cpus = _ensure_ray(cfg.workers)
-        workers = cfg.workers or cpus
-        import ray.data
-
-        ctx = ray.data.DataContext.get_current()
-        old_bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # ours counts images instead
-    t_listed = time.perf_counter()  # and Ray started: the pipeline's time is the pipeline's only
+        raise ValueError(f"SOURCE {cfg.source_location.uri} holds no images ({listing.ignored} other files)")
+    job = Job(source=cfg.source_location, out=cfg.out_location, resolution=cfg.resolution, margin=cfg.margin,
+              min_size=cfg.min_size, max_pixels=cfg.max_pixels,
+              work_size=cfg.work_size or max(1024, 2 * cfg.resolution), remover=remover, rembg_model=model)
     sources = [rel for rel, _ in listing.files]
-    log.info("prepare: %d images from %s -> %s (%s, %s, %d workers)", len(sources), src.uri, store.uri(),
-             remover if model is None else f"rembg:{model.label}", cfg.engine, workers)
+    with _engine(cfg) as workers:
+        t_listed = time.perf_counter()  # and Ray started: the pipeline's time is the pipeline's only
+        log.info("prepare: %d images from %s -> %s (%s, %s, %d workers)", len(sources), cfg.source_location.uri,
+                 store.uri(), remover if model is None else f"rembg:{model.label}", cfg.engine, workers)
+        batch = cfg.batch_size or auto_batch_size([n for _, n in listing.files], workers, remover)
+        records = _process_and_publish(cfg, job, store, sources, workers, batch)
+        t_pipeline = time.perf_counter()
+    accepted = [r for r in records if r["status"] == "accepted"]
+    labels, classes = _write_labels(store, accepted, cfg)
+    _write_contact_sheet(store, cfg, records)
+    timings = {"list_and_start_s": t_listed - t_start, "pipeline_s": t_pipeline - t_listed,
+               "finalize_s": time.perf_counter() - t_pipeline, "total_s": time.perf_counter() - t_start}
+    report = _report(cfg, store, listing, records, labels, classes, timings, workers=workers,
+                     batch=batch if cfg.engine == "ray" else 0, remover=remover if model is None else
+                     f"rembg:{model.label}")
+    store.write("report.json", (json.dumps(asdict(report), indent=1) + "\n").encode())
+    log.info("prepare: %d accepted, %d rejected %s, %d filtered in %.1fs", report.accepted, report.rejected,
+             report.rejections, report.filtered, timings["total_s"])
+    return report
+
+
+@contextlib.contextmanager
+def _engine(cfg: PrepareConfig):
+    """The workers the pipeline runs on: Ray (attached or started here, shut down after) or this process.
+    Ray Data's own progress bars are off meanwhile: ours counts images."""
+    if cfg.engine != "ray":
+        yield 1
+        return
+    started, cpus = _ensure_ray(cfg.workers)
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    old_bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    try:
+        yield cfg.workers or cpus
+    finally:
+        ctx.enable_progress_bars = old_bars
+        if started:
+            ray.shutdown()
+
+
+def _process_and_publish(cfg: PrepareConfig, job: Job, store: Store, sources: list[str], workers: int,
+                         batch: int) -> list[dict]:
+    """Every source's record (in the order of ``sources``), decided and published; an output that vanished
+    (deleted by hand) is processed once more."""
     bar = None
     if cfg.progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(sources), desc="prepare", unit="img", dynamic_ncols=True)
     try:
-        batch = cfg.batch_size or auto_batch_size([n for _, n in listing.files], workers, remover)
-        records = _run_pipeline(cfg, job, sources, workers, bar, batch)
-        t_pipeline = time.perf_counter()
-        by_source = {r["source"]: r for r in records}
-        records = [by_source[s] for s in sources]
-        for attempt in range(2):
-            _decide(records, cfg)
-            accepted = [r for r in records if r["status"] == "accepted"]
-            missing = _publish(store, {r["file"] for r in accepted})
-            if not missing or attempt:
-                break
-            # A record whose image vanished (deleted by hand): forget the records, redo those images once.
-            redo = [r["source"] for r in records if r.get("file") in missing]
-            log.warning("prepare: %d outputs were missing; processing them again", len(redo))
-            for r in records:
-                if r.get("file") in missing:
-                    store.remove(f"{RECORDS_DIR}/{r['key']}.json")
-            again = {r["source"]: r for r in _run_pipeline(cfg, job, redo, workers, None, batch)}
-            records = [again.get(r["source"], r) for r in records]
-        if missing:
-            raise RuntimeError(f"prepare: {len(missing)} outputs are still missing after a retry, e.g. "
-                               f"{sorted(missing)[0]}; check that {store.uri()} is writable")
+        by_source = {r["source"]: r for r in _run_pipeline(cfg, job, sources, workers, bar, batch)}
     finally:
         if bar is not None:
             bar.close()
-        if ctx is not None:
-            ctx.enable_progress_bars = old_bars
-        if started:
-            import ray
+    records = [by_source[s] for s in sources]
+    for attempt in range(2):
+        _decide(records, cfg)
+        missing = _publish(store, {r["file"] for r in records if r["status"] == "accepted"})
+        if not missing or attempt:
+            break
+        redo = [r["source"] for r in records if r.get("file") in missing]
+        log.warning("prepare: %d outputs were missing; processing them again", len(redo))
+        for r in records:
+            if r.get("file") in missing:
+                store.remove(f"{RECORDS_DIR}/{r['key']}.json")
+        again = {r["source"]: r for r in _run_pipeline(cfg, job, redo, workers, None, batch)}
+        records = [again.get(r["source"], r) for r in records]
+    if missing:
+        raise RuntimeError(f"prepare: {len(missing)} outputs are still missing after a retry, e.g. "
+                           f"{sorted(missing)[0]}; check that {store.uri()} is writable")
+    return records
 
-            ray.shutdown()
+
+def _write_labels(store: Store, accepted: list[dict], cfg: PrepareConfig) -> tuple[list[int], list[str]]:
+    """dataset.json: each accepted image's class (k-means cluster or framing), as the trainer reads it."""
     labels, classes = _labels(accepted, cfg)
     for r, label in zip(accepted, labels):
         r["label"] = label
     dataset = {"labels": sorted([r["file"], int(r["label"])] for r in accepted), "classes": classes}
     store.write("dataset.json", (json.dumps(dataset, indent=1) + "\n").encode())
-    _write_contact_sheet(store, cfg, records)
-    t_end = time.perf_counter()
+    return labels, classes
 
+
+def _report(cfg: PrepareConfig, store: Store, listing, records: list[dict], labels: list[int], classes: list[str],
+            timings: dict, *, workers: int, batch: int, remover: str) -> PrepareReport:
     status = Counter(r["status"] for r in records)
-    report = PrepareReport(
-        source=src.uri, out=store.uri(), remover=remover if model is None else f"rembg:{model.label}",
-        engine=cfg.engine, workers=workers, batch_size=batch if cfg.engine == "ray" else 0, listed=len(sources), ignored=listing.ignored,
+    return PrepareReport(
+        source=cfg.source_location.uri, out=store.uri(), remover=remover, engine=cfg.engine, workers=workers,
+        batch_size=batch, listed=len(records), ignored=listing.ignored,
         processed=sum(not r.get("cached") for r in records), cached=sum(bool(r.get("cached")) for r in records),
         accepted=status["accepted"], rejected=status["rejected"], filtered=status["filtered"],
         rejections=dict(sorted(Counter(r["reason"] for r in records if r["status"] == "rejected").items())),
         framing=dict(Counter(r["framing"] for r in records if r["status"] in ("accepted", "filtered"))),
         classes=classes, class_counts=np.bincount(np.asarray(labels, np.int64), minlength=len(classes)).tolist(),
-        timings={"list_and_start_s": round(t_listed - t_start, 3), "pipeline_s": round(t_pipeline - t_listed, 3),
-                 "finalize_s": round(t_end - t_pipeline, 3), "total_s": round(t_end - t_start, 3),
-                 "images_per_s": round(len(sources) / max(t_pipeline - t_listed, 1e-9), 2),
+        timings={**{k: round(v, 3) for k, v in timings.items()},
+                 "images_per_s": round(len(records) / max(timings["pipeline_s"], 1e-9), 2),
                  "stage_s": _stage_seconds(records)},
         config=asdict(cfg), dataset_json=store.uri("dataset.json"), contact_sheet=store.uri(CONTACT_SHEET),
         report_json=store.uri("report.json"), files=[_file_summary(r) for r in records],
     )
-    store.write("report.json", (json.dumps(asdict(report), indent=1) + "\n").encode())
-    log.info("prepare: %d accepted, %d rejected %s, %d filtered in %.1fs", report.accepted, report.rejected,
-             report.rejections, report.filtered, t_end - t_start)
-    return report
 
 
 def _stage_seconds(records: list[dict]) -> dict:

@@ -19,7 +19,7 @@ with labels, ``label`` int64) that ``TorchTrainer(datasets={"train": ...})`` spl
 
 - small datasets (decoded size up to ``CACHE_LIMIT_BYTES``) are decoded once, on the driver, into blocks
   owned by the driver (on the head node, so losing a worker node loses no data). On tiny PNGs a plain
-  decode loop is several times faster than Ray Data's per-task overhead (RAY_NOTES.md);
+  decode loop is several times faster than Ray Data's per-task overhead (360 vs 79 img/s on 200 tiny PNGs);
 - large ones stream: ``read_images``/``read_parquet`` tasks decode each epoch, in parallel, within bounded
   memory.
 

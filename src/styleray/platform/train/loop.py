@@ -245,6 +245,30 @@ class TrainingRun:
         if self.hooks.report is not None:
             self.hooks.report(record, uri)
 
+    def end_tick(self, stats: TickStats, nimg: int, elapsed: float, step_sec: float, done: bool) -> dict[str, Any]:
+        """Close a tick: statistics averaged over the ranks, the stability verdict (a rollback, or a measurement
+        and a snapshot when due), metrics.jsonl and the report hook. Returns the tick's record."""
+        self.tick += 1
+        means = mean_over_ranks(stats.means(), self.device)
+        record = self.tick_record(means, nimg, elapsed, step_sec)
+        verdict = self.monitor.observe(means)
+        if verdict.unstable:
+            record.update(unstable=True, unstable_reason=verdict.reason)
+        if verdict.rollback:
+            record["rollback_to"] = self.last_good
+            self.publish(record, None)
+            self.rollback(verdict.reason or "unstable")
+            return record
+        measure = self.hooks.evaluate is not None and (self.tick % self.hooks.evaluate_every == 0 or done)
+        if measure:  # collective: every rank evaluates its share of the images
+            record.update(self.hooks.evaluate(self.trainer.G_ema))
+        uri = None
+        if self.tick % self.cfg.snap == 0 or done or measure:  # a measured model is kept: it may be the best
+            uri = self.snapshot(record)
+        self.last_ckpt = uri or self.last_ckpt
+        self.publish(record, uri)
+        return record
+
     # ------------------------------------------------------------------ snapshots
 
     def snapshot(self, record: dict[str, Any]) -> str | None:
@@ -345,68 +369,17 @@ def run_training(
     ``--max-rollbacks``.
     """
     hooks = hooks or LoopHooks()
-    cfg = run.train
     tr = TrainingRun(run, batches, hooks, trainer)
     tr.restore(resume)
-    target_nimg = int(round(cfg.kimg * 1000))
-    tick_nimg = max(int(round(cfg.tick_kimg * 1000)), 1)
-    record: dict[str, Any] = {}
-    started_at, first_step_at = time.time(), None
-
+    started_at = time.time()
     if hooks.is_chief:
         storage.write_bytes(storage.join(tr.run_dir, "config.json"), run.to_json().encode())
-    bar = None
-    if hooks.is_chief and hooks.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=round(cfg.kimg, 3), initial=round(tr.trainer.kimg, 3), unit="kimg", dynamic_ncols=True)
-
-    tick_start_nimg, tick_start_time, step_sec = tr.trainer.cur_nimg, time.time(), 0.0
-    stats = TickStats()
-    while tr.trainer.cur_nimg < target_nimg:
-        images, labels = batches.next()
-        real = to_tensor(images, tr.device)
-        c = torch.from_numpy(labels).to(tr.device) if labels is not None else None
-        step_start = time.perf_counter()
-        stats.add(tr.trainer.step(real, c))
-        step_sec += time.perf_counter() - step_start
-        first_step_at = first_step_at or time.time()
-        done = tr.trainer.cur_nimg >= target_nimg
-        if tr.trainer.cur_nimg - tick_start_nimg < tick_nimg and not done:
-            continue
-        tr.tick += 1
-        means = mean_over_ranks(stats.means(), tr.device)
-        record = tr.tick_record(means, tr.trainer.cur_nimg - tick_start_nimg, time.time() - tick_start_time, step_sec)
-        verdict = tr.monitor.observe(means)
-        uri = None
-        if verdict.unstable:
-            record.update(unstable=True, unstable_reason=verdict.reason)
-        if verdict.rollback:
-            record["rollback_to"] = tr.last_good
-            tr.publish(record, None)
-            tr.rollback(verdict.reason or "unstable")
-        else:
-            measure = hooks.evaluate is not None and (tr.tick % hooks.evaluate_every == 0 or done)
-            if measure:  # collective: every rank evaluates its share of the images
-                record.update(hooks.evaluate(tr.trainer.G_ema))
-            if tr.tick % cfg.snap == 0 or done or measure:  # a measured model is kept: it may be the best
-                uri = tr.snapshot(record)
-            tr.last_ckpt = uri or tr.last_ckpt
-            tr.publish(record, uri)
+    bar = _progress_bar(run.train.kimg, tr.trainer.kimg) if hooks.is_chief and hooks.progress else None
+    try:
+        record, first_step_at = _train_ticks(tr, int(round(run.train.kimg * 1000)), bar)
+    finally:
         if bar is not None:
-            bar.n = round(min(tr.trainer.kimg, cfg.kimg), 3)
-            bar.set_postfix(
-                G=f"{record.get('loss_G', float('nan')):.3f}",
-                D=f"{record.get('loss_D', float('nan')):.3f}",
-                p=f"{tr.trainer.augment_p:.3f}",
-                s_kimg=f"{record['sec_per_kimg']:.1f}",
-            )
-            bar.refresh()
-        stats = TickStats()
-        tick_start_nimg, tick_start_time, step_sec = tr.trainer.cur_nimg, time.time(), 0.0
-
-    if bar is not None:
-        bar.close()
+            bar.close()
     return {
         "kimg": tr.trainer.kimg,
         "checkpoint": tr.last_ckpt,
@@ -418,3 +391,49 @@ def run_training(
         "started_at": started_at,
         "first_step_at": first_step_at,
     }
+
+
+def _train_ticks(tr: TrainingRun, target_nimg: int, bar) -> tuple[dict[str, Any], float | None]:
+    """Steps until ``target_nimg``, closing a tick every --tick kimg (and at the end); returns the last tick's
+    record and when the first step ended."""
+    tick_nimg = max(int(round(tr.cfg.tick_kimg * 1000)), 1)
+    record: dict[str, Any] = {}
+    first_step_at = None
+    tick_start_nimg, tick_start_time, step_sec = tr.trainer.cur_nimg, time.time(), 0.0
+    stats = TickStats()
+    while tr.trainer.cur_nimg < target_nimg:
+        images, labels = tr.batches.next()
+        real = to_tensor(images, tr.device)
+        c = torch.from_numpy(labels).to(tr.device) if labels is not None else None
+        step_start = time.perf_counter()
+        stats.add(tr.trainer.step(real, c))
+        step_sec += time.perf_counter() - step_start
+        first_step_at = first_step_at or time.time()
+        done = tr.trainer.cur_nimg >= target_nimg
+        if tr.trainer.cur_nimg - tick_start_nimg < tick_nimg and not done:
+            continue
+        record = tr.end_tick(stats, tr.trainer.cur_nimg - tick_start_nimg, time.time() - tick_start_time, step_sec,
+                             done)
+        _show(bar, tr, record)
+        stats = TickStats()
+        tick_start_nimg, tick_start_time, step_sec = tr.trainer.cur_nimg, time.time(), 0.0
+    return record, first_step_at
+
+
+def _progress_bar(target_kimg: float, kimg: float):
+    from tqdm import tqdm
+
+    return tqdm(total=round(target_kimg, 3), initial=round(kimg, 3), unit="kimg", dynamic_ncols=True)
+
+
+def _show(bar, tr: TrainingRun, record: dict[str, Any]) -> None:
+    if bar is None:
+        return
+    bar.n = round(min(tr.trainer.kimg, tr.cfg.kimg), 3)
+    bar.set_postfix(
+        G=f"{record.get('loss_G', float('nan')):.3f}",
+        D=f"{record.get('loss_D', float('nan')):.3f}",
+        p=f"{tr.trainer.augment_p:.3f}",
+        s_kimg=f"{record['sec_per_kimg']:.1f}",
+    )
+    bar.refresh()

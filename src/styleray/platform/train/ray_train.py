@@ -349,20 +349,45 @@ def fit(
     callbacks: list | None = None,  # Ray Train UserCallbacks (the sweeps forward reports to Ray Tune)
 ) -> dict[str, Any]:
     """Train ``run`` with Ray Train; returns rank 0's summary (kimg, checkpoint, last record, ...)."""
-    import ray
-    import ray.data
     import ray.train
-    from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError  # no public name in Ray 2.60
 
-    from styleray.datasets.read import ray_data
     from styleray.platform.train.stability import TrainingDiverged
 
     options = options or RayOptions()
+    run, data, resume = _check_run(run, data, resume)
+    log.info(connect())
+    check_capacity(run.train.workers, options)
+    trainer = _trainer(run, data, resume, options, inject_failure, metrics, callbacks)
+    log.info("training %s at %dpx on %d images with %d workers x %s -> %s", run.preset, run.model.resolution,
+             data.num_images, run.train.workers, options.resources_per_worker(), run.out)
+    try:
+        result = trainer.fit()
+    except ray.train.ControllerError as e:
+        if isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
+            raise PlacementTimeout(
+                f"no room for {run.train.workers} workers x {options.resources_per_worker()} within "
+                f"--placement-timeout {options.placement_timeout_s:g}s (a node was lost, or the cluster is busy); "
+                f"add nodes or rerun with fewer --workers: --resume latest continues from the last checkpoint "
+                f"in {run.out}"
+            ) from e
+        raise
+    except ray.train.TrainingFailedError as e:
+        raise _worker_failure(e, options, run.out) from e
+    summary = dict(result.return_value or {})
+    if summary.get("status") == "diverged":
+        raise TrainingDiverged(summary["message"])
+    return summary
+
+
+def _check_run(run: RunSpec, data, resume: str | None):
+    """On the driver, before Ray: absolute paths, a writable run folder, a valid --resume, enough images."""
+    from styleray.datasets.read import ray_data
+
     if run.out is None or run.data is None:
         raise ValueError("--data and --out are required")
     run = dataclasses.replace(run, out=storage.absolute(run.out), data=storage.absolute(run.data))
-    fs, storage_path, name = _storage_location(run.out)
+    _storage_location(run.out)  # a run folder below the bucket or root
     storage.check_writable(run.out, "--out")
     resume = check_resume(resume, run.out)
     retire_stale_train_snapshot(run.out)
@@ -372,36 +397,43 @@ def fit(
         raise ValueError(
             f"--data {run.data} holds {data.num_images} images, fewer than one batch (--batch {run.train.batch})"
         )
+    return run, data, resume
 
-    log.info(connect())
-    check_capacity(run.train.workers, options)
+
+def _trainer(run: RunSpec, data, resume, options: RayOptions, inject_failure, metrics, callbacks):
+    """The TorchTrainer: the run folder as Ray Train's storage, the dataset, the worker group, the failure
+    policy, and the worker function's config."""
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from styleray.datasets.read import ray_data
+
+    fs, storage_path, name = _storage_location(run.out)
     resources = options.resources_per_worker()
     spare_cpus = ray.cluster_resources().get("CPU", 0.0) - run.train.workers * resources["CPU"]
     ray.data.DataContext.get_current().enable_progress_bars = False  # the tick lines say how training goes
-    dataset = ray_data.build_dataset(
-        data,
-        use_labels=run.model.c_dim > 0,
-        cache=options.cache_data,
-        read_cpus=min(max(spare_cpus / 2, 0.05), 1.0),
-    )
+    dataset = ray_data.build_dataset(data, use_labels=run.model.c_dim > 0, cache=options.cache_data,
+                                     read_cpus=min(max(spare_cpus / 2, 0.05), 1.0))
     # The controller reads this when it places the worker group: each placement waits at most this long.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(options.placement_timeout_s)
-    trainer = TorchTrainer(
+    config = {
+        "run": run.to_dict(),
+        "resume": resume,
+        "gpus": options.gpus,
+        "threads": options.torch_threads(),
+        "storage_env": storage.forwarded_env(),  # where S3 is; never credentials (storage.py)
+        "inject_failure": inject_failure,
+        # the plan travels without its (possibly large) dataset statistics; those go by the object store
+        "metrics": dataclasses.replace(metrics, real=None) if metrics is not None else None,
+        "metrics_real": ray.put(metrics.real) if metrics is not None else None,
+    }
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "run": run.to_dict(),
-            "resume": resume,
-            "gpus": options.gpus,
-            "threads": options.torch_threads(),
-            "storage_env": storage.forwarded_env(),
-            "inject_failure": inject_failure,
-            # the plan travels without its (possibly large) dataset statistics; those go by the object store
-            "metrics": dataclasses.replace(metrics, real=None) if metrics is not None else None,
-            "metrics_real": ray.put(metrics.real) if metrics is not None else None,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=run.train.workers, use_gpu=options.gpus, resources_per_worker=resources
-        ),
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=run.train.workers, use_gpu=options.gpus,
+                                               resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
@@ -412,26 +444,6 @@ def fit(
         ),
         datasets={DATASET_KEY: dataset},
     )
-    log.info(
-        "training %s at %dpx on %d images with %d workers x %s -> %s",
-        run.preset, run.model.resolution, data.num_images, run.train.workers, resources, run.out,
-    )
-    try:
-        result = trainer.fit()
-    except ray.train.ControllerError as e:
-        if isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
-            raise PlacementTimeout(
-                f"no room for {run.train.workers} workers x {resources} within --placement-timeout "
-                f"{options.placement_timeout_s:g}s (a node was lost, or the cluster is busy); add nodes or "
-                f"rerun with fewer --workers: --resume latest continues from the last checkpoint in {run.out}"
-            ) from e
-        raise
-    except ray.train.TrainingFailedError as e:
-        raise _worker_failure(e, options, run.out) from e
-    summary = dict(result.return_value or {})
-    if summary.get("status") == "diverged":
-        raise TrainingDiverged(summary["message"])
-    return summary
 
 
 def _worker_failure(e: Exception, options: RayOptions, run_dir: str) -> Exception:

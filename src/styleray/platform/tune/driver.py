@@ -21,7 +21,7 @@ trial's pointer and perturbed hyperparameters; the trial then copies the better 
 own run folder (its own are set aside in ``superseded-N/``), records the copy in ``exploits.jsonl`` and
 resumes training from it.
 
-The trial itself (the Trainable, the PBT exploit) is in ``tune_trial.py``. An interrupted sweep continues
+The trial itself (the Trainable, the PBT exploit) is in ``trial.py``. An interrupted sweep continues
 with ``--resume`` (Tuner.restore): unfinished trials resume from the newest checkpoint in their run folder.
 """
 
@@ -148,7 +148,7 @@ def _sweep(sweep: SweepConfig, objective: Objective, *, resume: bool) -> dict[st
     from styleray.datasets.read.ray_data import inspect_dataset
     from styleray.platform.train import ray_train
     from styleray.platform.tune.results import write_results
-    from styleray.platform.tune.trial import trainable_class
+    from styleray.platform.tune.trial import SweepTrial
 
     space = load_space(sweep.space_file)
     space.check_search(sweep.search, sweep.scheduler)
@@ -163,7 +163,7 @@ def _sweep(sweep: SweepConfig, objective: Objective, *, resume: bool) -> dict[st
     if not resume:
         write_sweep_file(sweep, objective)
     trainable = tune.with_resources(
-        tune.with_parameters(trainable_class(), sweep_dict=sweep.to_dict(),
+        tune.with_parameters(SweepTrial, sweep_dict=sweep.to_dict(),
                              objective_dict=dataclasses.asdict(objective), plan=plan, data_info=data_info),
         {"CPU": 0.01},
     )
