@@ -9,14 +9,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
-from PIL import Image
 
 from styleray.config import ModelConfig
 from styleray.datasets.read.folder import list_image_files, load_image_folder
 from styleray.models import metrics
 from styleray.models.metrics import inception
 from styleray.models.networks import Generator
-from tiny_extractor import TINY, register_tiny, tiny_extractor_spec
+from metrics_helpers import TINY, register_tiny, tiny_extractor_spec, write_dataset
 
 CALLS: list = []  # one item per call of the tiny extractor's network
 
@@ -38,12 +37,6 @@ def tiny_generator(c_dim=0):
     return G
 
 
-def write_dataset(root, n=10, res=16, seed=0):
-    os.makedirs(root, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, [res, res, 3], dtype=np.uint8)).save(os.path.join(root, f"{i:06d}.png"))
-    return str(root)
 
 
 # ---------------------------------------------------------------------------------------------------------

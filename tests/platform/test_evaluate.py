@@ -15,7 +15,7 @@ from styleray.config import resolve_preset
 from styleray.datasets.read.folder import list_image_files, load_image_folder
 from styleray.models import metrics
 from styleray.platform.train.metrics import STATS_DIR, FolderStatsCache
-from tiny_extractor import TINY, register_tiny
+from metrics_helpers import TINY, register_tiny, write_dataset
 
 CALLS: list = []
 
@@ -27,12 +27,6 @@ def tiny_extractor():
     unregister()
 
 
-def write_dataset(root, n=10, res=16, seed=0):
-    os.makedirs(root, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, [res, res, 3], dtype=np.uint8)).save(os.path.join(root, f"{i:06d}.png"))
-    return str(root)
 
 
 def test_dataset_stats_are_cached_next_to_the_data_and_the_key_follows_the_files(tmp_path, tiny_extractor):

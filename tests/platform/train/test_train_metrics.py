@@ -11,7 +11,7 @@ import pytest
 from styleray import cli
 from styleray.models import metrics
 from styleray.platform import checkpoint as ckpt_lib
-from tiny_extractor import register_tiny
+from metrics_helpers import register_tiny
 
 EXTRACTOR = "test-train-feats"
 

@@ -25,7 +25,7 @@ from styleray.platform import checkpoint as ckpt_lib
 from styleray.platform.tune import driver as sweeps
 from styleray.platform.tune.space import parse_space
 from styleray.settings import from_command_line
-from tiny_extractor import tiny_extractor_spec
+from metrics_helpers import tiny_extractor_spec
 
 TRIAL_TRAIN = "preset: cpu-tiny\nbatch: 8\ntick: 0.016\nsnap: 1\n"  # a tick = 2 steps of 8 images, a report
 

@@ -1,10 +1,14 @@
-"""A tiny feature extractor standing in for Inception in the tests (nothing is downloaded), shared by the
-metrics tests of every part."""
+"""What the metrics tests of every part share: a tiny feature extractor standing in for Inception (nothing is
+downloaded) and a folder of random images."""
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
 
 from styleray.models import metrics
 
@@ -40,3 +44,12 @@ def register_tiny(name: str = TINY, calls: list | None = None):
     """Register the tiny extractor under ``name``; returns a function that removes it again."""
     metrics.register_extractor(tiny_extractor_spec(name, calls), replace=True)
     return lambda: metrics.EXTRACTORS.pop(name, None)
+
+
+def write_dataset(root, n=10, res=16, seed=0) -> str:
+    """A folder of ``n`` random RGB PNGs of ``res`` px, named 000000.png, ..."""
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, [res, res, 3], dtype=np.uint8)).save(os.path.join(root, f"{i:06d}.png"))
+    return str(root)
