@@ -24,6 +24,7 @@ typical flow:
   styleray prepare raw/ data/ --resolution 256        # Ray Data: clean, square, white-background PNGs
   styleray train --data data/ --out runs/r1 --kimg 5000  # train (Ray Train with --workers N)
   styleray generate --checkpoint runs/r1 --seeds 0-15 --out grid.png
+  styleray project --checkpoint runs/r1 --target hero.png --out proj/  # a real image's latent (W, W+, PTI)
   styleray serve --checkpoint runs/r1                   # Ray Serve HTTP API + latent explorer page
   styleray demo                                         # all of the above on the built-in sample data
 """
@@ -240,6 +241,74 @@ def _cmd_metrics(args) -> int:
             f.write(text + "\n")
     print(text)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# project: real images into the latent space (styleray.platform.projection)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _add_project(sub) -> None:
+    from styleray.platform.projection.options import ProjectOptions as O  # light: no torch, no Ray
+
+    p = sub.add_parser(
+        "project",
+        help="find the latents of real images (W or W+, optional pivotal tuning); a folder runs as a Ray job",
+        description="Project a target image into a checkpoint's latent space: the target is framed like prepare "
+        "frames training images (square, on white, at the model's resolution), then w is optimised from the mean "
+        "w (the reference projector's method: noise maps with their regulariser, learning-rate and noise ramps), "
+        "one w for every layer (--space w) or one per layer (w+). --pti-steps N then fine-tunes a copy of the "
+        "generator around that w (pivotal tuning) and writes it as a run folder (OUT/pti) that generate and serve "
+        "load. Writes projected_w.npz, target.png, reconstruction.png, side_by_side.png, progress.gif, curve.png "
+        "and summary.json. A folder, .zip or s3:// prefix of targets runs as a Ray job (Ray Data, one projection "
+        "per actor, OUT/<target>/ each; finished targets are skipped on a re-run) with summary.md/csv.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--target", required=True, metavar="IMAGE|FOLDER|S3",
+                   help="an image file, a folder (recursive), a .zip, or s3://bucket/prefix (or one s3 object)")
+    p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    p.add_argument("--steps", type=int, default=O.steps, help="optimisation steps")
+    p.add_argument("--space", choices=["w", "w+"], default=O.space, help="w: one w for every layer; w+: one per layer")
+    p.add_argument("--seed", type=int, default=O.seed, help="seed of the exploration noise and the noise maps")
+    p.add_argument("--distance", choices=["auto", "vgg16", "pixel-msssim"], default=O.distance,
+                   help="auto: vgg16 when its weights file is found, else pixel-msssim (pixel MSE + 1 - MS-SSIM)")
+    p.add_argument("--vgg16", default=None, metavar="PATH",
+                   help="torchvision's vgg16-397923af.pth (default: $STYLERAY_VGG16, then ~/.cache/styleray/)")
+    p.add_argument("--pti-steps", type=int, default=O.pti_steps, help="pivotal tuning steps after the search (0: none)")
+    p.add_argument("--frame", choices=["auto", "prepare", "resize"], default=O.frame,
+                   help="prepare: frame like prepare; resize: pad on white and resize; auto: resize when the "
+                        "image is square on white already")
+    p.add_argument("--class", dest="class_idx", type=int, default=None,
+                   help="a conditional model's class for the starting w (default: all classes)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--workers", type=int, default=None, help="folder targets: projection actors (default: the cluster's CPUs)")
+    p.add_argument("--gpus", action="store_true", help="folder targets: one GPU per actor")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_project)
+
+
+def _cmd_project(args) -> int:
+    from styleray.platform.projection.options import ProjectOptions
+    from styleray.platform.projection.single import run_project
+
+    result = run_project(ProjectOptions(
+        checkpoint=args.checkpoint, target=args.target, out=args.out, steps=args.steps, space=args.space,
+        seed=args.seed, distance=args.distance, vgg16=args.vgg16, pti_steps=args.pti_steps, frame=args.frame,
+        class_idx=args.class_idx, device=args.device, workers=args.workers, gpus=args.gpus,
+        progress=not args.no_progress,
+    ))
+    if "single" in result:
+        s = result["single"]
+        pti = f", after pivotal tuning {s['pti_psnr']:.2f} dB (run {s['pti_run']})" if s.get("pti_steps") else ""
+        print(f"PSNR {s['psnr']:.2f} dB, {s['distance']} distance {s['distance_value']:.4f}{pti}; "
+              f"{s['seconds']:.1f} s; wrote {args.out}")
+        return 0
+    f = result["folder"]
+    print(f["table"], end="")
+    print(f"{f['counts']['projected']} projected, {f['counts']['done before']} done before, "
+          f"{f['counts']['failed']} failed in {f['seconds']:.1f} s; summary in {args.out}/summary.md")
+    return 1 if f["counts"]["failed"] else 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -516,8 +585,8 @@ def _cmd_manager(args) -> int:
 
 # ---------------------------------------------------------------------------------------------------------
 
-COMMANDS: list[Callable] = [_add_prepare, _add_train, _add_tune, _add_generate, _add_demo, _add_metrics, _add_serve,
-                            _add_queue, _add_manager]
+COMMANDS: list[Callable] = [_add_prepare, _add_train, _add_tune, _add_generate, _add_project, _add_demo, _add_metrics,
+                            _add_serve, _add_queue, _add_manager]
 
 
 def build_parser() -> argparse.ArgumentParser:
