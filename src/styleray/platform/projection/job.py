@@ -42,11 +42,12 @@ def target_folder(rel: str) -> str:
 class ProjectionActor:
     """Ray Data actor: one Projector (generator + distance) per actor; a block of rows -> their result rows."""
 
-    def __init__(self, options: ProjectOptions, threads: int):
+    def __init__(self, options: ProjectOptions, threads: int, storage_env: dict[str, str]):
         import torch
 
         from styleray.platform.projection.single import Projector
 
+        storage.apply_env(storage_env)  # where S3 is (never credentials: each process finds its own)
         torch.set_num_threads(max(1, threads))
         self.options = options
         self.location = parse_location(options.target, "--target", allow_zip=True)
@@ -113,8 +114,9 @@ def run_folder(options: ProjectOptions) -> dict:
         workers = min(workers, len(todo))
         log.info("projecting %d targets (%d done before) on %d actors", len(todo), len(rows), workers)
         ds = ray.data.from_items([{"target": t} for t in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(ProjectionActor, fn_constructor_kwargs={"options": options, "threads": threads},
-                            batch_size=None, compute=ray.data.ActorPoolStrategy(size=workers), **resources)
+        kwargs = {"options": options, "threads": threads, "storage_env": storage.forwarded_env()}
+        ds = ds.map_batches(ProjectionActor, fn_constructor_kwargs=kwargs, batch_size=None,
+                            compute=ray.data.ActorPoolStrategy(size=workers), **resources)
         with tqdm(total=len(todo), desc="projections", unit="target", disable=not options.progress) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
                 for text in batch["row"]:
