@@ -290,7 +290,7 @@ def _add_project(sub) -> None:
 
 def _cmd_project(args) -> int:
     from styleray.platform.projection.options import ProjectOptions
-    from styleray.platform.projection.single import run_project
+    from styleray.platform.projection.run import run_project
 
     result = run_project(ProjectOptions(
         checkpoint=args.checkpoint, target=args.target, out=args.out, steps=args.steps, space=args.space,

@@ -22,6 +22,16 @@ from styleray.models.projection.search import ProjectionConfig, project
 from styleray.models.weights import MissingWeightsError
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One thread, as in each Ray worker here: on 2 shared cores, two threads per op wait on each other (a
+    projection step took 25 times as long under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def G():
     return tiny_generator(16)

@@ -196,18 +196,36 @@ def morph(
     """
     if space not in ("w", "z"):
         raise ValueError(f"space {space!r} must be 'w' or 'z'")
-    if noise_mode == "random":
-        raise ValueError("morphs use noise_mode const or none (random noise would flicker between frames)")
-    schedule = morph_schedule(len(seeds), steps, loop)
-    device = next(G.parameters()).device
     if space == "w":
         ws = seeds_to_ws(G, seeds, truncation_psi, class_idx=class_idx)  # [S, num_ws, w_dim]
-        frames_ws = torch.stack([ws[i].lerp(ws[j], t) if t not in (0.0, 1.0) else ws[i if t == 0 else j] for i, j, t in schedule])
-    else:
-        z = seeds_to_z(seeds, G.z_dim, device)
-        zs = torch.stack([slerp(z[i], z[j], t) for i, j, t in schedule])
-        c = class_labels(G, class_idx, len(schedule), device)
-        frames_ws = _mapping(G, zs, c, truncation_psi)
+        return morph_ws(G, ws, steps, loop, noise_mode, batch_size)
+    _check_morph_noise(noise_mode)
+    schedule = morph_schedule(len(seeds), steps, loop)
+    device = next(G.parameters()).device
+    z = seeds_to_z(seeds, G.z_dim, device)
+    zs = torch.stack([slerp(z[i], z[j], t) for i, j, t in schedule])
+    c = class_labels(G, class_idx, len(schedule), device)
+    return synthesize(G, _mapping(G, zs, c, truncation_psi), None, noise_mode, batch_size)
+
+
+def _check_morph_noise(noise_mode: str) -> None:
+    if noise_mode == "random":
+        raise ValueError("morphs use noise_mode const or none (random noise would flicker between frames)")
+
+
+@torch.no_grad()
+def morph_ws(
+    G: Generator,
+    ws: torch.Tensor,  # [S, num_ws, w_dim]: any latents (seeds' ws, projected latents), S >= 2
+    steps: int = 30,
+    loop: bool = False,
+    noise_mode: str = "const",
+    batch_size: int = CHUNK,
+) -> np.ndarray:
+    """Frames morphing linearly in W through the given latents: [F, H, W, C] uint8, exact endpoints."""
+    _check_morph_noise(noise_mode)
+    schedule = morph_schedule(ws.shape[0], steps, loop)
+    frames_ws = torch.stack([ws[i].lerp(ws[j], t) if t not in (0.0, 1.0) else ws[i if t == 0 else j] for i, j, t in schedule])
     return synthesize(G, frames_ws, None, noise_mode, batch_size)
 
 
@@ -227,22 +245,33 @@ def style_mix(
     the row seed's w everywhere except ``layers`` (default: the coarse layers 0-5), which come from the
     column seed.
     """
+    ws = seeds_to_ws(G, list(row_seeds) + list(col_seeds), truncation_psi, class_idx=class_idx)
+    return style_mix_ws(G, ws[: len(row_seeds)], ws[len(row_seeds) :], layers, noise_mode)
+
+
+@torch.no_grad()
+def style_mix_ws(
+    G: Generator,
+    row_ws: torch.Tensor,  # [R, num_ws, w_dim]
+    col_ws: torch.Tensor,  # [C, num_ws, w_dim]
+    layers: Sequence[int] | None = None,
+    noise_mode: str = "const",
+) -> np.ndarray:
+    """The style-mixing grid of :func:`style_mix` for any latents (seeds' ws, projected latents)."""
     layers = list(range(min(6, G.num_ws))) if layers is None else [int(i) for i in layers]
     bad = [i for i in layers if not 0 <= i < G.num_ws]
     if bad:
         raise ValueError(f"layers {bad} out of range [0, {G.num_ws - 1}]")
-    all_seeds = list(row_seeds) + list(col_seeds)
-    ws = seeds_to_ws(G, all_seeds, truncation_psi, class_idx=class_idx)
-    row_ws, col_ws = ws[: len(row_seeds)], ws[len(row_seeds) :]
-    mixed = row_ws[:, None].repeat(1, len(col_seeds), 1, 1)  # [R, C, num_ws, w_dim]
+    rows, cols = row_ws.shape[0], col_ws.shape[0]
+    mixed = row_ws[:, None].repeat(1, cols, 1, 1)  # [R, C, num_ws, w_dim]
     mixed[:, :, layers] = col_ws[None][:, :, layers]
-    singles = synthesize(G, ws, noise_mode=noise_mode)
+    singles = synthesize(G, torch.cat([row_ws, col_ws]), noise_mode=noise_mode)
     cells = synthesize(G, mixed.flatten(0, 1), noise_mode=noise_mode)
     h, w, ch = singles.shape[1:]
-    grid = np.full([len(row_seeds) + 1, len(col_seeds) + 1, h, w, ch], 255, np.uint8)
-    grid[0, 1:] = singles[len(row_seeds) :]
-    grid[1:, 0] = singles[: len(row_seeds)]
-    grid[1:, 1:] = cells.reshape(len(row_seeds), len(col_seeds), h, w, ch)
+    grid = np.full([rows + 1, cols + 1, h, w, ch], 255, np.uint8)
+    grid[0, 1:] = singles[rows:]
+    grid[1:, 0] = singles[:rows]
+    grid[1:, 1:] = cells.reshape(rows, cols, h, w, ch)
     return grid
 
 

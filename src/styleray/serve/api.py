@@ -45,9 +45,11 @@ from styleray.serve.schemas import (
     SampleRequest,
     SamplesBody,
     Sampling,
+    parse_latent_list,
     parse_layers,
-    parse_seed_list,
 )
+from styleray.serve.projection_routes import add_projection_routes
+from styleray.serve.projections import MAX_UPLOAD_BYTES, Busy
 
 log = logging.getLogger("ray.serve")
 
@@ -61,6 +63,8 @@ class Backend(Protocol):
     async def call(self, method: str, request: Any = None) -> Any: ...
 
     async def reload(self, checkpoint: str | None, wait_s: float) -> tuple[int, dict]: ...
+
+    async def projections(self, method: str, *args: Any) -> Any: ...
 
 
 def _page() -> str:
@@ -130,7 +134,8 @@ def create_api(backend: Backend, api_key: str | None) -> FastAPI:
     api = FastAPI(
         title="styleray",
         version="1",
-        description="StyleGAN2-ADA samples, morphs and style mixing from a trained checkpoint. "
+        description="StyleGAN2-ADA samples, morphs and style mixing from a trained checkpoint, and projections of "
+        "real images into its latent space (proj:ID stands for a projected image wherever a seed can). "
         f"Bounds: seeds in [0, {MAX_SEED}], at most {MAX_SEEDS} seeds per request, {MAX_FRAMES} frames per "
         f"morph, {MAX_MIX_SIDE}x{MAX_MIX_SIDE} style-mixing grids, truncation in {list(TRUNCATION_RANGE)}.",
     )
@@ -145,7 +150,9 @@ def create_api(backend: Backend, api_key: str | None) -> FastAPI:
 
     @api.exception_handler(InvalidRequest)
     async def _invalid(_: Request, exc: InvalidRequest):
-        return _error(422, str(exc))
+        # 422, or the status a subclass carries (404, 409, 413, 415, 429: serve/projections.py)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Busy) else None
+        return JSONResponse({"error": str(exc)}, status_code=getattr(exc, "status", 422), headers=headers)
 
     @api.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
@@ -162,11 +169,12 @@ def create_api(backend: Backend, api_key: str | None) -> FastAPI:
                 headers={"WWW-Authenticate": 'Basic realm="styleray", charset="UTF-8"'},
             )
         if request.method in ("POST", "PUT", "PATCH"):
+            limit = MAX_UPLOAD_BYTES if request.scope["path"].endswith("/v1/projections") else MAX_BODY_BYTES
             length = request.headers.get("content-length")
             if length is None and request.headers.get("transfer-encoding"):
                 return _error(411, "send a Content-Length with the body (no chunked uploads)")
-            if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-                return _error(413, f"body of {length} bytes is larger than {MAX_BODY_BYTES}")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                return _error(413, f"body of {length} bytes is larger than {limit}")
         return await call_next(request)
 
     # -- page and health ----------------------------------------------------------------------------------
@@ -224,7 +232,11 @@ def create_api(backend: Backend, api_key: str | None) -> FastAPI:
         responses={200: {"content": {"image/gif": {}, "image/webp": {}}}},
     )
     async def morph(
-        seeds: str = Query(..., max_length=MAX_SEEDS * 11, description="2 or more comma-separated seeds: 3,17,42"),
+        seeds: str | None = Query(None, max_length=MAX_SEEDS * 18,
+                                  description="2 or more comma-separated seeds or projections: 3,proj:ID,42"),
+        from_: str | None = Query(None, alias="from", max_length=20,
+                                  description="instead of seeds: where the morph starts, 42, seed:42 or proj:ID"),
+        to: str | None = Query(None, max_length=20, description="with from: where the morph ends"),
         steps: int = Query(30, ge=1, le=MAX_STEPS, description="frames from one seed to the next"),
         space: LatentSpace = Query("w", description="w: linear in W; z: spherical in Z"),
         fps: int = Query(24, ge=FPS_RANGE[0], le=FPS_RANGE[1]),
@@ -235,7 +247,7 @@ def create_api(backend: Backend, api_key: str | None) -> FastAPI:
         format: AnimationFormat = Query("gif"),
         quality: int = _quality(),
     ):
-        seed_list = parse_seed_list(seeds, "seeds", min_count=2)
+        seed_list = _morph_latents(seeds, from_, to)
         req = MorphRequest(
             tuple(seed_list), steps, space, loop, fps, _sampling(truncation, class_idx, noise), format, quality
         )
@@ -246,7 +258,8 @@ def create_api(backend: Backend, api_key: str | None) -> FastAPI:
                 f"(use steps <= {max(most, 1)} or fewer seeds)"
             )
         enc = await backend.call("morph", req)
-        return _image_response(enc, f"morph-{'-'.join(map(str, seed_list[:8]))}.{format}")
+        names = "-".join(str(s).replace("proj:", "p") for s in seed_list[:8])
+        return _image_response(enc, f"morph-{names}.{format}")
 
     @api.get(
         "/v1/mix",
@@ -255,16 +268,17 @@ def create_api(backend: Backend, api_key: str | None) -> FastAPI:
         responses={200: {"content": {"image/png": {}}}},
     )
     async def mix(
-        rows: str = Query(..., max_length=MAX_MIX_SIDE * 11, description=f"1-{MAX_MIX_SIDE} seeds, e.g. 1,2,3"),
-        cols: str = Query(..., max_length=MAX_MIX_SIDE * 11, description=f"1-{MAX_MIX_SIDE} seeds"),
+        rows: str = Query(..., max_length=MAX_MIX_SIDE * 18,
+                          description=f"1-{MAX_MIX_SIDE} seeds or proj:ID, e.g. 1,2,3"),
+        cols: str = Query(..., max_length=MAX_MIX_SIDE * 18, description=f"1-{MAX_MIX_SIDE} seeds or proj:ID"),
         layers: str | None = Query(None, max_length=200, description="w layers from the column seeds: 0-5 (default: coarse)"),
         truncation: float = _truncation(),
         class_idx: int | None = _class(),
         noise: NoiseMode = Query("const"),
     ):
         req = MixRequest(
-            rows=tuple(parse_seed_list(rows, "rows", MAX_MIX_SIDE)),
-            cols=tuple(parse_seed_list(cols, "cols", MAX_MIX_SIDE)),
+            rows=tuple(parse_latent_list(rows, "rows", MAX_MIX_SIDE)),
+            cols=tuple(parse_latent_list(cols, "cols", MAX_MIX_SIDE)),
             layers=tuple(l) if (l := parse_layers(layers)) is not None else None,
             sampling=_sampling(truncation, class_idx, noise),
         )
@@ -281,7 +295,19 @@ def create_api(backend: Backend, api_key: str | None) -> FastAPI:
         status, result = await backend.reload(body.checkpoint, body.wait_s)
         return JSONResponse(result, status_code=status)
 
+    add_projection_routes(api, backend)
     return api
+
+
+def _morph_latents(seeds: str | None, from_: str | None, to: str | None) -> list:
+    """The morph's latents: ``seeds`` (2 or more), or ``from`` and ``to`` (one each)."""
+    if from_ is not None or to is not None:
+        if seeds is not None or from_ is None or to is None:
+            raise InvalidRequest("give either seeds=A,B,... or both from= and to=, e.g. from=proj:ID&to=seed:42")
+        return parse_latent_list(f"{from_},{to}", "from/to", 2, 2)
+    if seeds is None:
+        raise InvalidRequest("seeds: give 2 or more comma-separated seeds (seeds=3,17,42), or from= and to=")
+    return parse_latent_list(seeds, "seeds", MAX_SEEDS, min_count=2)
 
 
 def _authorized(request: Request, api_key: str) -> bool:

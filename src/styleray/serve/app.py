@@ -1,4 +1,5 @@
-"""The Serve application: HTTP ingress -> Generator replicas, plus the checkpoint registry for reloads.
+"""The Serve application: HTTP ingress -> Generator replicas, plus the checkpoint registry for reloads and the
+projection store (projections of uploaded images, whichever replica runs them).
 
     serve.yaml:  import_path: styleray.serve.app:build_app   args: {checkpoint: s3://bucket/runs/r1, ...}
     CLI:         styleray serve --checkpoint runs/r1 [--host 127.0.0.1] [--port 8000] [--replicas N]
@@ -21,6 +22,7 @@ from ray.serve import Application
 from styleray.serve.api import create_api
 from styleray.serve.args import ServeArgs
 from styleray.serve.generator import Generator
+from styleray.serve.projection_store import ProjectionStore
 from styleray.serve.registry import CheckpointRegistry
 from styleray.serve.schemas import InvalidRequest
 
@@ -34,9 +36,10 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 class Ingress:
     """Routes HTTP to the Generator; owns the API key and the reload protocol. Holds no model."""
 
-    def __init__(self, generator, registry, args: ServeArgs):
+    def __init__(self, generator, registry, args: ServeArgs, projections=None):
         self._generator = generator  # DeploymentHandle
         self._registry = registry  # DeploymentHandle
+        self._projections = projections  # DeploymentHandle of ProjectionStore
         self._args = args
         key = args.api_key.get_secret_value() if args.api_key is not None else os.environ.get(args.api_key_env)
         self._api_key = key or None
@@ -50,7 +53,16 @@ class Ingress:
         try:
             return await (handle.remote(request) if request is not None else handle.remote())
         except InvalidRequest as e:
-            raise InvalidRequest(str(getattr(e, "cause", None) or e)) from None
+            raise _plain(e) from None
+
+    async def projections(self, method: str, *args: Any) -> Any:
+        """Call a ProjectionStore method (status, images, latents of projections)."""
+        if self._projections is None:
+            raise InvalidRequest("this application has no projection store")
+        try:
+            return await getattr(self._projections, method).remote(*args)
+        except InvalidRequest as e:
+            raise _plain(e) from None
 
     async def reload(self, checkpoint: str | None, wait_s: float) -> tuple[int, dict]:
         """Resolve and verify the checkpoint, publish it, wait until every live replica serves it."""
@@ -83,6 +95,12 @@ class Ingress:
             await asyncio.sleep(min(0.2, self._args.reload_poll_s / 2))
 
 
+def _plain(e: InvalidRequest) -> InvalidRequest:
+    """The replica's own exception (its class carries the HTTP status) out of Ray's wrapper."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, InvalidRequest) else InvalidRequest(str(cause or e))
+
+
 def build_app(args: ServeArgs) -> Application:
     """The application graph: Ingress -> Generator (N replicas or autoscaled) and CheckpointRegistry."""
     if isinstance(args, dict):  # a plain dict from Python callers; Serve itself passes ServeArgs
@@ -96,8 +114,10 @@ def build_app(args: ServeArgs) -> Application:
         options["autoscaling_config"] = args.autoscaling
     else:
         options["num_replicas"] = args.replicas
-    generator = Generator.options(**options).bind(args, registry)
-    return Ingress.options(ray_actor_options={"num_cpus": args.ingress_cpus}).bind(generator, registry, args)
+    projections = ProjectionStore.bind(kept=args.projections_kept)
+    generator = Generator.options(**options).bind(args, registry, projections)
+    ingress = Ingress.options(ray_actor_options={"num_cpus": args.ingress_cpus})
+    return ingress.bind(generator, registry, args, projections)
 
 
 def is_loopback(host: str) -> bool:

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from styleray.serve.projections import PROJECTION_STEPS_MAX
+
 DEFAULT_API_KEY_ENV = "STYLERAY_API_KEY"
 
 
@@ -41,6 +43,14 @@ class ServeArgs(BaseModel):
     api_key: SecretStr | None = Field(None, description="required in X-API-Key on every route when set")
     api_key_env: str = Field(DEFAULT_API_KEY_ENV, description="env var read for the key when api_key is unset")
     reload_poll_s: float = Field(1.0, gt=0, le=60, description="how often replicas look for a new checkpoint")
+    # projections of uploaded images (POST /v1/projections)
+    max_running_projections: int = Field(
+        1, ge=1, le=16, description="projections running at once per generator replica (429 with Retry-After beyond)"
+    )
+    projections_kept: int = Field(32, ge=1, le=10_000, description="projections kept (the oldest finished evicted)")
+    max_projection_steps: int = Field(
+        1000, ge=1, le=PROJECTION_STEPS_MAX, description="most optimisation steps one projection may ask for"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":

@@ -26,16 +26,20 @@ from ray import serve
 
 from styleray.serve import encode
 from styleray.serve.args import ServeArgs
+from styleray.serve.projection_runner import ProjectionRunner
+from styleray.serve.projections import Conflict, ProjectionRequest, projection_limits
 from styleray.serve.schemas import (
     MEDIA_TYPES,
     Encoded,
     GridRequest,
     InvalidRequest,
+    LatentRef,
     MixRequest,
     MorphRequest,
     SampleRequest,
     Sampling,
     limits,
+    projection_ids,
 )
 
 log = logging.getLogger("ray.serve")
@@ -100,9 +104,11 @@ def check_sampling(G: Any, s: Sampling) -> None:
 
 @serve.deployment(name="Generator")
 class Generator:
-    async def __init__(self, args: ServeArgs, registry):
+    async def __init__(self, args: ServeArgs, registry, projections=None):
         self._args = args
         self._registry = registry  # DeploymentHandle of CheckpointRegistry
+        self._projection_store = projections  # DeploymentHandle of ProjectionStore (None: no projections)
+        self._projections = ProjectionRunner(projections, args.max_running_projections, args.max_projection_steps)
         self._batching = args.batching
         self._device = replica_device(args)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="styleray-model")
@@ -164,6 +170,9 @@ class Generator:
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+        projections = getattr(self, "_projections", None)
+        if projections is not None:
+            projections.shutdown()
 
     async def _run(self, fn: Callable, *args) -> Any:
         """Run model work on the replica's model thread (one at a time, off the event loop)."""
@@ -183,6 +192,8 @@ class Generator:
             "batching": self._batching,
             "max_batch_size": a.max_batch_size if self._batching else 1,
             "limits": limits(),
+            "projections": {**projection_limits(a.max_projection_steps, a.max_running_projections, a.projections_kept),
+                            "running_here": self._projections.running},
         }
 
     # -- single samples (batched) ---------------------------------------------------------------------------
@@ -245,9 +256,13 @@ class Generator:
     async def grid(self, req: GridRequest) -> Encoded:
         model = self._model
         check_sampling(model.G, req.sampling)
-        images = await self._run(_generate, model, list(req.seeds), req.sampling)
+        if projection_ids(req.seeds):
+            fetched = await self._fetch_projections(model, req.seeds, req.sampling)
+            images = await self._run(_synthesize_refs, model, req.seeds, fetched, req.sampling)
+        else:
+            images = await self._run(_generate, model, list(req.seeds), req.sampling)
         if req.format == "zip":
-            named = [(f"seed{seed:010d}.png", img) for seed, img in zip(req.seeds, images)]
+            named = [(_zip_name(seed), img) for seed, img in zip(req.seeds, images)]
             data = await asyncio.to_thread(encode.encode_zip, named)
         else:
             data = await asyncio.to_thread(_encode_grid, images, req.cols, req.pad)
@@ -258,7 +273,13 @@ class Generator:
         check_sampling(model.G, req.sampling)
         if req.sampling.noise == "random":
             raise InvalidRequest("noise=random: morphs use noise const or none (random noise flickers between frames)")
-        frames = await self._run(_morph, model, req)
+        if projection_ids(req.seeds):
+            if req.space != "w":
+                raise InvalidRequest("space=z: a projected image has a latent in W, not in Z; use space=w")
+            fetched = await self._fetch_projections(model, req.seeds, req.sampling)
+            frames = await self._run(_morph_refs, model, req, fetched)
+        else:
+            frames = await self._run(_morph, model, req)
         data = await asyncio.to_thread(encode.encode_animation, frames, req.format, req.fps, req.quality)
         return Encoded(data, MEDIA_TYPES[req.format], model.name, {"X-Frames": str(len(frames))})
 
@@ -269,13 +290,93 @@ class Generator:
             bad = [i for i in req.layers if i >= model.G.num_ws]
             if bad:
                 raise InvalidRequest(f"layers {bad} out of range: this generator has layers 0-{model.G.num_ws - 1}")
-        grid = await self._run(_mix, model, req)
+        if projection_ids(req.rows + req.cols):
+            fetched = await self._fetch_projections(model, req.rows + req.cols, req.sampling)
+            grid = await self._run(_mix_refs, model, req, fetched)
+        else:
+            grid = await self._run(_mix, model, req)
         rows, cols = grid.shape[:2]
         data = await asyncio.to_thread(_encode_grid, grid.reshape(rows * cols, *grid.shape[2:]), cols, 0)
         return Encoded(data, "image/png", model.name, {"X-Grid": f"{rows}x{cols}"})
 
 
+    # -- projections (serve/projection_runner.py) ------------------------------------------------------------
+
+    async def start_projection(self, req: ProjectionRequest) -> dict:
+        """Start projecting an uploaded image on this replica; its record at once (429 when the slots are full)."""
+        if self._projection_store is None:
+            raise InvalidRequest("this application has no projection store")
+        model = self._model
+        if model.G.c_dim > 0 and req.class_idx is not None and not 0 <= req.class_idx < model.G.c_dim:
+            raise InvalidRequest(
+                f"class={req.class_idx} is out of range: this generator has classes 0-{model.G.c_dim - 1}")
+        return await self._projections.start(model, req)
+
+    async def _fetch_projections(self, model: LoadedModel, refs, sampling: Sampling) -> dict[str, np.ndarray]:
+        """The latents of the proj:ID references, checked against the served model (409 when they do not fit)."""
+        if sampling.noise == "random":
+            raise InvalidRequest("noise=random: a projected image has no seed to seed its noise; use const or none")
+        fetched = {}
+        for pid in dict.fromkeys(projection_ids(refs)):
+            ws, params = await self._projection_store.latent.remote(pid)
+            if tuple(ws.shape) != (model.G.num_ws, model.G.w_dim):
+                raise Conflict(
+                    f"proj:{pid} was made with {params.get('checkpoint')} ({params.get('resolution')} px, w "
+                    f"{list(ws.shape)}); this server now serves {model.name} ({model.G.img_resolution} px, w "
+                    f"[{model.G.num_ws}, {model.G.w_dim}]): project the image again")
+            fetched[pid] = ws
+        return fetched
+
+
 # -- model work (runs on the model thread) ------------------------------------------------------------------
+
+
+def _zip_name(ref: LatentRef) -> str:
+    return f"seed{ref:010d}.png" if isinstance(ref, int) else f"{ref.replace(':', '-')}.png"
+
+
+def _latents(model: LoadedModel, refs, fetched: dict[str, np.ndarray], s: Sampling):
+    """[N, num_ws, w_dim] on the model's device: seeds through the mapping (truncation, class), projections
+    as they were found."""
+    import torch
+
+    from styleray.models.sampling import seeds_to_ws
+
+    seeds = [r for r in refs if isinstance(r, int)]
+    seed_ws = iter(seeds_to_ws(model.G, seeds, s.truncation, class_idx=s.class_idx)) if seeds else iter(())
+    device = next(model.G.parameters()).device
+    return torch.stack([next(seed_ws) if isinstance(r, int) else torch.from_numpy(fetched[r[5:]]).to(device)
+                        for r in refs])
+
+
+def _synthesize_refs(model: LoadedModel, refs, fetched, s: Sampling) -> np.ndarray:
+    import torch
+
+    from styleray.models.sampling import synthesize
+
+    with torch.inference_mode():
+        return synthesize(model.G, _latents(model, refs, fetched, s), noise_mode=s.noise)
+
+
+def _morph_refs(model: LoadedModel, req: MorphRequest, fetched) -> np.ndarray:
+    import torch
+
+    from styleray.models.sampling import morph_ws
+
+    with torch.inference_mode():
+        ws = _latents(model, req.seeds, fetched, req.sampling)
+        return morph_ws(model.G, ws, steps=req.steps, loop=req.loop, noise_mode=req.sampling.noise)
+
+
+def _mix_refs(model: LoadedModel, req: MixRequest, fetched) -> np.ndarray:
+    import torch
+
+    from styleray.models.sampling import style_mix_ws
+
+    with torch.inference_mode():
+        ws = _latents(model, req.rows + req.cols, fetched, req.sampling)
+        layers = list(req.layers) if req.layers is not None else None
+        return style_mix_ws(model.G, ws[: len(req.rows)], ws[len(req.rows):], layers, req.sampling.noise)
 
 
 def _generate(model: LoadedModel, seeds: list[int], s: Sampling) -> np.ndarray:

@@ -9,6 +9,7 @@ Pure Python (pydantic, no torch, no Ray): the ingress validates with it before a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,6 +26,8 @@ FPS_RANGE = (1, 50)  # GIF frame delays are multiples of 10 ms; browsers clamp f
 QUALITY_RANGE = (1, 100)  # JPEG / WebP quality; 100 makes WebP lossless
 MAX_GRID_COLS = MAX_SEEDS
 MAX_BODY_BYTES = 64 * 1024  # a POST body larger than this is refused before parsing (413)
+ID_PATTERN = re.compile(r"^[0-9a-f]{12}$")  # a projection id (serve/projections.py)
+LatentRef = int | str  # a seed, or "proj:<id>": a finished projection's latent
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 AnimationFormat = Literal["gif", "webp"]
@@ -80,6 +83,42 @@ def parse_seed_list(text: str, name: str, max_count: int = MAX_SEEDS, min_count:
     return seeds
 
 
+# A latent reference names a latent wherever the API takes a seed (morphs, mixes, grids): 42 or seed:42 (a
+# seed), or proj:ID (a finished projection's latent, serve/projections.py).
+
+
+def parse_latent_ref(text: str, name: str) -> LatentRef:
+    """'42' or 'seed:42' -> 42; 'proj:0123456789ab' -> 'proj:0123456789ab'; InvalidRequest naming ``name``."""
+    text = text.strip()
+    kind, sep, value = text.partition(":")
+    if not sep:
+        kind, value = "seed", text
+    if kind == "seed":
+        if not value.isdigit() or int(value) > MAX_SEED:
+            raise InvalidRequest(f"{name}: {text!r} is not a seed (an integer in [0, {MAX_SEED}]) nor proj:ID")
+        return int(value)
+    if kind == "proj":
+        if not ID_PATTERN.match(value):
+            raise InvalidRequest(f"{name}: {text!r}: a projection reference is proj: and 12 hexadecimal characters")
+        return f"proj:{value}"
+    raise InvalidRequest(f"{name}: {text!r}: give a seed (42 or seed:42) or a projection (proj:ID)")
+
+
+def parse_latent_list(text: str, name: str, max_count: int, min_count: int = 1) -> list[LatentRef]:
+    """'3,proj:0123456789ab,seed:42' -> [3, 'proj:0123456789ab', 42]; bounded like seed lists."""
+    parts = text.split(",") if text.strip() else []
+    if len(parts) > max_count:
+        raise InvalidRequest(f"{name}: {len(parts)} latents given, at most {max_count} allowed")
+    if len(parts) < min_count:
+        raise InvalidRequest(f"{name}: give at least {min_count} comma-separated seeds or proj:ID, e.g. {name}=3,17")
+    return [parse_latent_ref(p, name) for p in parts]
+
+
+def projection_ids(refs) -> list[str]:
+    """The projection ids among latent references (without the proj: prefix)."""
+    return [r[len("proj:"):] for r in refs if isinstance(r, str)]
+
+
 def parse_layers(text: str | None, name: str = "layers") -> list[int] | None:
     """'0-3,6' -> [0, 1, 2, 3, 6]; None or '' -> None (the model's coarse layers). Bounded to 0..63."""
     if text is None or not text.strip():
@@ -119,7 +158,7 @@ class SampleRequest:
 
 @dataclass(frozen=True)
 class GridRequest:
-    seeds: tuple[int, ...]
+    seeds: tuple[LatentRef, ...]
     sampling: Sampling = field(default_factory=Sampling)
     format: str = "png"  # png grid or zip of PNGs
     cols: int | None = None
@@ -128,7 +167,7 @@ class GridRequest:
 
 @dataclass(frozen=True)
 class MorphRequest:
-    seeds: tuple[int, ...]
+    seeds: tuple[LatentRef, ...]
     steps: int = 30
     space: str = "w"
     loop: bool = False
@@ -145,8 +184,8 @@ class MorphRequest:
 
 @dataclass(frozen=True)
 class MixRequest:
-    rows: tuple[int, ...]
-    cols: tuple[int, ...]
+    rows: tuple[LatentRef, ...]
+    cols: tuple[LatentRef, ...]
     layers: tuple[int, ...] | None = None
     sampling: Sampling = field(default_factory=Sampling)
 
@@ -169,7 +208,8 @@ class SamplesBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
-    seeds: list[int] = Field(min_length=1, max_length=MAX_SEEDS, description=f"1 to {MAX_SEEDS} seeds")
+    seeds: list[int | str] = Field(min_length=1, max_length=MAX_SEEDS,
+                                   description=f"1 to {MAX_SEEDS} seeds, or proj:ID for a projected image")
     truncation: float = Field(1.0, ge=TRUNCATION_RANGE[0], le=TRUNCATION_RANGE[1], allow_inf_nan=False)
     class_idx: int | None = Field(None, alias="class", ge=0, description="class index of a conditional model")
     noise: NoiseMode = "const"
@@ -179,11 +219,11 @@ class SamplesBody(BaseModel):
 
     @field_validator("seeds")
     @classmethod
-    def _seeds_in_range(cls, seeds: list[int]) -> list[int]:
-        bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    def _seeds_in_range(cls, seeds: list[int | str]) -> list[LatentRef]:
+        bad = [s for s in seeds if isinstance(s, int) and not 0 <= s <= MAX_SEED]
         if bad:
             raise ValueError(f"seeds {bad[:5]} out of range [0, {MAX_SEED}]")
-        return seeds
+        return [parse_latent_ref(s, "seeds") if isinstance(s, str) else s for s in seeds]
 
     def to_request(self) -> GridRequest:
         return GridRequest(

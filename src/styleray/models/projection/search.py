@@ -47,7 +47,7 @@ class ProjectionConfig:
     w_noise: float = 0.05  # exploration noise at the start, times w_std
     w_noise_ramp: float = 0.75  # fraction of the steps after which the exploration noise is off
     noise_weight: float = 1e5  # weight of the noise maps' regulariser; 0 with optimize_noise=False
-    optimize_noise: bool = True  # optimise the noise maps too (the reference does)
+    optimize_noise: bool = True  # optimise the noise maps too (the reference does); False: keep G's own
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= MAX_STEPS:
@@ -163,11 +163,11 @@ def project(
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     layers = G.num_ws if cfg.space == "w+" else 1
     w_opt = w_avg[:, None].repeat(1, layers, 1).requires_grad_(True)  # [1, layers, w_dim]
-    maps = list(noise_buffers(G).values())
+    maps = list(noise_buffers(G).values()) if cfg.optimize_noise else []  # else: G's own noise maps, fixed
     for m in maps:
         m.copy_(torch.randn(m.shape, generator=gen, device=device))
-        m.requires_grad_(cfg.optimize_noise)
-    optimizer = torch.optim.Adam([w_opt] + (maps if cfg.optimize_noise else []), betas=(0.9, 0.999), lr=cfg.lr)
+        m.requires_grad_(True)
+    optimizer = torch.optim.Adam([w_opt] + maps, betas=(0.9, 0.999), lr=cfg.lr)
     history = []
     for step in range(cfg.steps):
         lr_factor, w_noise = schedule(step, cfg)
@@ -177,7 +177,7 @@ def project(
         ws = (w_opt + explore).expand(1, G.num_ws, -1)  # [1, num_ws, w_dim]
         image = G.synthesis(ws, noise_mode="const")
         dist = distance.compare(distance.embed(image), target_emb)[0]
-        loss = dist + cfg.noise_weight * noise_regularization(maps) if cfg.optimize_noise else dist
+        loss = dist + cfg.noise_weight * noise_regularization(maps) if maps else dist
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

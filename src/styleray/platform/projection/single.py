@@ -143,12 +143,3 @@ def project_file(options: ProjectOptions) -> dict:
             bar.update(1)
 
         return projector.run(data, options.target, options.out, on_step)
-
-
-def run_project(options: ProjectOptions) -> dict:
-    """One image file, or (a folder, zip or bucket) a Ray job over every image in it (job.run_folder)."""
-    if options.single_image:
-        return {"single": project_file(options)}
-    from styleray.platform.projection.job import run_folder
-
-    return {"folder": run_folder(options)}
