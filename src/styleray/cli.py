@@ -282,7 +282,8 @@ def _add_project(sub) -> None:
     p.add_argument("--class", dest="class_idx", type=int, default=None,
                    help="a conditional model's class for the starting w (default: all classes)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    p.add_argument("--workers", type=int, default=None, help="folder targets: projection actors (default: the cluster's CPUs)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="folder targets: projection actors (default: the cluster's CPUs)")
     p.add_argument("--gpus", action="store_true", help="folder targets: one GPU per actor")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_project)

@@ -225,7 +225,9 @@ def morph_ws(
     """Frames morphing linearly in W through the given latents: [F, H, W, C] uint8, exact endpoints."""
     _check_morph_noise(noise_mode)
     schedule = morph_schedule(ws.shape[0], steps, loop)
-    frames_ws = torch.stack([ws[i].lerp(ws[j], t) if t not in (0.0, 1.0) else ws[i if t == 0 else j] for i, j, t in schedule])
+    frames_ws = torch.stack(
+        [ws[i].lerp(ws[j], t) if t not in (0.0, 1.0) else ws[i if t == 0 else j] for i, j, t in schedule]
+    )
     return synthesize(G, frames_ws, None, noise_mode, batch_size)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 
 class MissingWeightsError(FileNotFoundError, ValueError):
@@ -59,3 +60,17 @@ class WeightsFile:
             f"fetch {self.url} once (e.g. `curl -L -o {cached} {self.url}`), then pass {self.flag} PATH, set "
             f"{self.env}=PATH, or leave it in {default_cache_dir()}/"
         )
+
+    def read_state_dict(self, file: str) -> dict[str, Any]:
+        """The state_dict in ``file`` (plain tensors, ``weights_only=True``: no pickled code); ValueError naming
+        the file and the one expected when it is not one."""
+        import torch
+
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any decode failure: the file is not the state_dict we need
+            expected = f"expected {self.filename} from {self.url}"
+            raise ValueError(f"{file}: not a loadable state_dict ({e}); {expected}") from e
+        if not isinstance(state, dict):
+            raise ValueError(f"{file}: holds a {type(state).__name__}, not a state_dict; expected {self.filename}")
+        return state

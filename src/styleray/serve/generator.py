@@ -299,7 +299,6 @@ class Generator:
         data = await asyncio.to_thread(_encode_grid, grid.reshape(rows * cols, *grid.shape[2:]), cols, 0)
         return Encoded(data, "image/png", model.name, {"X-Grid": f"{rows}x{cols}"})
 
-
     # -- projections (serve/projection_runner.py) ------------------------------------------------------------
 
     async def start_projection(self, req: ProjectionRequest) -> dict:

@@ -86,7 +86,8 @@ class ProjectionStore:
         try:
             return self._records[pid]
         except KeyError:
-            raise NotFound(f"no projection {pid}: unknown, or evicted (the server keeps the newest {self._kept})") from None
+            message = f"no projection {pid}: unknown, or evicted (the server keeps the newest {self._kept})"
+            raise NotFound(message) from None
 
     def get(self, pid: str) -> dict:
         return self._get(pid).public()

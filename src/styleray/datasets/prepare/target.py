@@ -71,7 +71,10 @@ def frame_target(
         frame = "resize" if _is_square_on_white(dec.rgb, dec.alpha) else "prepare"
     framing = frame
     if frame == "prepare":
-        seg = from_soft_alpha(dec.alpha.astype(np.float32) / 255.0) if dec.alpha is not None else segment_classic(dec.rgb)
+        if dec.alpha is not None:
+            seg = from_soft_alpha(dec.alpha.astype(np.float32) / 255.0)
+        else:
+            seg = segment_classic(dec.rgb)
         if seg.mask.any():
             image, _ = square_on_white(dec.rgb, clean_alpha(seg.alpha, seg.mask), seg.mask, resolution, margin)
         else:

@@ -226,12 +226,7 @@ def load_fid_inception(path: str | None = None) -> FIDInceptionV3:
             "%s: SHA-256 %s... does not start with %s (the published %s); FIDs will not be comparable with "
             "other implementations'", file, digest[:8], INCEPTION_SHA256_PREFIX, INCEPTION_FILE,
         )
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any decode failure: the file is not the state_dict we need
-        raise ValueError(f"{file}: not a loadable state_dict ({e}); expected {INCEPTION_FILE} from {INCEPTION_URL}") from e
-    if not isinstance(state, dict):
-        raise ValueError(f"{file}: holds a {type(state).__name__}, not a state_dict; expected {INCEPTION_FILE}")
+    state = INCEPTION_WEIGHTS.read_state_dict(file)
     model = FIDInceptionV3()
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

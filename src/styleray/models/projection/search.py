@@ -104,7 +104,10 @@ def w_statistics(G, cfg: ProjectionConfig, device: torch.device) -> tuple[torch.
     z = torch.from_numpy(rs.randn(cfg.w_avg_samples, G.z_dim)).float().to(device)
     c = None
     if G.c_dim > 0:
-        classes = np.full(cfg.w_avg_samples, cfg.class_idx) if cfg.class_idx is not None else rs.randint(G.c_dim, size=cfg.w_avg_samples)
+        if cfg.class_idx is not None:
+            classes = np.full(cfg.w_avg_samples, cfg.class_idx)
+        else:
+            classes = rs.randint(G.c_dim, size=cfg.w_avg_samples)
         c = F.one_hot(torch.from_numpy(classes).long(), G.c_dim).float().to(device)
     with torch.no_grad():
         w = torch.cat([G.mapping(z[i : i + 1000], None if c is None else c[i : i + 1000])[:, 0]
@@ -125,7 +128,8 @@ def noise_regularization(maps) -> torch.Tensor:
     for m in maps:
         x = m[None, None]  # [1, 1, H, W]
         while True:
-            total = total + (x * torch.roll(x, 1, dims=3)).mean().square() + (x * torch.roll(x, 1, dims=2)).mean().square()
+            total = total + (x * torch.roll(x, 1, dims=3)).mean().square()
+            total = total + (x * torch.roll(x, 1, dims=2)).mean().square()
             if x.shape[2] <= 8:
                 break
             x = F.avg_pool2d(x, 2)

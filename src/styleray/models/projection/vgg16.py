@@ -96,17 +96,12 @@ def load_vgg16(path: str | None = None) -> VGG16Features:
     """VGG16Features with the weights of the file found for ``path`` (see VGG16_WEIGHTS); ValueError naming
     the file when it is not a VGG16 state_dict."""
     file = VGG16_WEIGHTS.find(path)
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any decode failure: the file is not the state_dict we need
-        raise ValueError(f"--vgg16 {file}: not a loadable state_dict ({e}); expected {VGG16_FILE}") from e
-    if not isinstance(state, dict):
-        raise ValueError(f"--vgg16 {file}: holds a {type(state).__name__}, not a state_dict; expected {VGG16_FILE}")
+    state = VGG16_WEIGHTS.read_state_dict(file)
     features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
     net = VGG16Features()
     try:
         net.features.load_state_dict(features, strict=True)
     except RuntimeError as e:  # missing keys or shape mismatches
-        raise ValueError(f"--vgg16 {file}: is not torchvision's VGG16 ({str(e).splitlines()[0]}); expected "
+        raise ValueError(f"{file}: is not torchvision's VGG16 ({str(e).splitlines()[0]}); expected "
                          f"{VGG16_FILE} from {VGG16_WEIGHTS.url}") from e
     return net

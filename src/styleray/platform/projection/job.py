@@ -70,7 +70,10 @@ class ProjectionActor:
 def _pending(options: ProjectOptions) -> tuple[list[str], list[dict]]:
     """(targets to project, rows of the targets already done)."""
     loc = parse_location(options.target, "--target", allow_zip=True)
-    listing = list_sources(loc, exclude=parse_location(options.out, "--out", allow_zip=False))
+    try:
+        listing = list_sources(loc, exclude=parse_location(options.out, "--out", allow_zip=False))
+    except ValueError as e:  # prepare's words (SOURCE ...) in this command's terms
+        raise ValueError(f"--target: {str(e).removeprefix('SOURCE ')}") from None
     if not listing.files:
         raise ValueError(f"--target {options.target}: no images found ({', '.join(['png', 'jpg', 'webp', '...'])})")
     todo, done = [], []

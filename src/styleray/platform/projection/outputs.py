@@ -29,8 +29,10 @@ MIN_TILE = 128  # side-by-side tiles and GIF frames are enlarged (nearest) to at
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """[C, H, W] in [-1, 1] -> [H, W, C] uint8 (the rounding sampling.to_uint8 uses)."""
-    return (image.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    """[C, H, W] in [-1, 1] -> [H, W, C] uint8, rounded as every image styleray writes (sampling.to_uint8)."""
+    from styleray.models.sampling import to_uint8 as batch_to_uint8
+
+    return batch_to_uint8(image[None])[0]
 
 
 def _pil(array: np.ndarray) -> Image.Image:

@@ -60,6 +60,7 @@ def _panel(draw: ImageDraw.ImageDraw, top: int, series: Series, steps: int, mark
             draw.line([(x_of(int(t)), y1), (x_of(int(t)), y1 + 4)], fill=COLORS["axis"])
             draw.text((x_of(int(t)) - 8, y1 + 6), f"{int(t)}", fill=COLORS["axis"], font=font)
     draw.rectangle([x0, y0, x1, y1], outline=COLORS["axis"])
+    draw.text((x1 - 24, y1 + 18), "step", fill=COLORS["axis"], font=font)
     if marker is not None:
         for y in range(y0, y1, 8):
             draw.line([(x_of(marker), y), (x_of(marker), min(y + 4, y1))], fill=COLORS["axis"])

@@ -65,7 +65,8 @@ class Projector:
     def frame(self, data: bytes) -> Target:
         return frame_target(data, self.G.img_resolution, frame=self.options.frame, channels=self.G.img_channels)
 
-    def run(self, data: bytes, source: str, out_dir: str, on_step: Callable[[str, Progress], None] | None = None) -> dict:
+    def run(self, data: bytes, source: str, out_dir: str,
+            on_step: Callable[[str, Progress], None] | None = None) -> dict:
         """Project the image in ``data`` into ``out_dir``; returns its summary (also written last)."""
         started = time.perf_counter()
         target = self.frame(data)
@@ -116,7 +117,8 @@ class Projector:
     def _write_tuned_run(self, run_dir: str, tuned: Tuned, summary: dict) -> str:
         """The tuned generator as a small run folder (G_ema only) that generate and serve load as they are."""
         meta = self.checkpoint.meta
-        state = {"model_cfg": dataclasses.asdict(self.G.cfg), "G_ema": {k: v.cpu() for k, v in tuned.G.state_dict().items()}}
+        weights = {k: v.cpu() for k, v in tuned.G.state_dict().items()}
+        state = {"model_cfg": dataclasses.asdict(self.G.cfg), "G_ema": weights}
         info = {k: summary[k] for k in ("source", "checkpoint", "space", "steps", "pti_steps", "pti_psnr")}
         return save_checkpoint(run_dir, state, config=self.checkpoint.config, meta={
             "cur_nimg": meta.get("cur_nimg", 0), "kimg": meta.get("kimg", 0.0), "tick": meta.get("tick", 0),
@@ -136,7 +138,8 @@ def project_file(options: ProjectOptions) -> dict:
         raise ValueError(f"--target {options.target} is a folder: give it without an image extension") from None
     projector = Projector.load(options)
     log.info("%s", projector.distance_note)
-    with tqdm(total=options.steps + options.pti_steps, desc="projection", unit="step", disable=not options.progress) as bar:
+    total = options.steps + options.pti_steps
+    with tqdm(total=total, desc="projection", unit="step", disable=not options.progress) as bar:
         def on_step(phase: str, p: Progress) -> None:
             bar.set_description(phase)
             bar.set_postfix(psnr=f"{p.psnr:.2f}", distance=f"{p.distance:.4f}", refresh=False)
