@@ -180,7 +180,9 @@ def _add_generate(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
-    p.add_argument("--seeds", type=_parse_seeds, default=_parse_seeds("0-15"), help="seeds, e.g. 0-15,42")
+    p.add_argument("--seeds", type=_parse_seeds, default=None, help="seeds, e.g. 0-15,42 (default: 0-15 without --latents)")
+    p.add_argument("--latents", default=None, metavar="NPZ[,NPZ...]",
+                   help="projected images (projected_w.npz of styleray project), before the seeds")
     p.add_argument("--out", required=True, help="a .png (grid), a .gif (morph through the seeds) or a folder (one PNG per seed)")
     p.add_argument("--truncation", type=float, default=1.0, help="truncation psi (1 = none, 0.7 = safer samples)")
     p.add_argument("--class", dest="class_idx", type=int, default=None, help="class index for a conditional model")
@@ -193,8 +195,10 @@ def _add_generate(sub) -> None:
 def _cmd_generate(args) -> int:
     from styleray.platform.generate import write_samples
 
-    ckpt = write_samples(args.checkpoint, args.seeds, args.out, truncation=args.truncation, class_idx=args.class_idx,
-                         noise_mode=args.noise, cols=args.cols, steps=args.steps)
+    latents = [p for p in args.latents.split(",") if p] if args.latents else []
+    seeds = args.seeds if args.seeds is not None else ([] if latents else _parse_seeds("0-15"))
+    ckpt = write_samples(args.checkpoint, seeds, args.out, truncation=args.truncation, class_idx=args.class_idx,
+                         noise_mode=args.noise, cols=args.cols, steps=args.steps, latents=latents)
     print(f"wrote {args.out} from {ckpt.uri} ({ckpt.kimg:.1f} kimg)")
     return 0
 

@@ -14,11 +14,11 @@ from projection_helpers import write_random_vgg16
 from serve_helpers import make_checkpoint
 
 from styleray import cli
+from styleray.datasets.synthetic import render_figure
 from styleray.models.projection import search
 from styleray.models.projection.distances import psnr_uint8
 from styleray.platform.checkpoint import load_generator
 from styleray.platform.projection import outputs
-from styleray.datasets.synthetic import render_figure
 
 OUTPUTS = ("target.png", "reconstruction.png", "side_by_side.png", "progress.gif", "curve.png", "projected_w.npz",
            "summary.json")
@@ -41,6 +41,7 @@ def read_png(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
+@pytest.mark.slow
 def test_one_image_writes_every_output_and_a_tuned_run_generate_loads(run16, hero, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["project", "--checkpoint", run16, "--target", hero, "--out", str(out), "--steps", "12",
@@ -76,6 +77,7 @@ def test_one_image_writes_every_output_and_a_tuned_run_generate_loads(run16, her
         os.path.join(load_generator(run16)[1].uri, "state.pt"))  # G_ema only: smaller than a training checkpoint
 
 
+@pytest.mark.slow
 def test_vgg16_distance_from_a_weights_file(run16, hero, tmp_path, monkeypatch):
     weights = write_random_vgg16(str(tmp_path / "vgg16-397923af.pth"))
     monkeypatch.setenv("STYLERAY_VGG16", weights)
@@ -125,3 +127,26 @@ def test_a_saved_latent_of_another_resolution_is_refused(run16, hero, tmp_path):
         outputs.read_latent((out / "projected_w.npz").read_bytes(), G32.num_ws, G32.w_dim)
     with pytest.raises(ValueError, match="not a projected latent"):
         outputs.read_latent(b"junk", G32.num_ws, G32.w_dim)
+
+
+def test_generate_morphs_between_projected_images(run16, hero, tmp_path):
+    """`styleray generate --latents`: a morph from one real image to another (and on to a seed), and a grid."""
+    outs = []
+    for i, framing in enumerate(["prepare", "resize"]):
+        outs.append(tmp_path / f"p{i}")
+        assert cli.main(["project", "--checkpoint", run16, "--target", hero, "--out", str(outs[-1]), "--steps", "3",
+                         "--frame", framing, "--distance", "pixel-msssim", "--no-progress"]) == 0
+    latents = ",".join(str(o / "projected_w.npz") for o in outs)
+    gif = tmp_path / "m.gif"
+    assert cli.main(["generate", "--checkpoint", run16, "--latents", latents, "--seeds", "5", "--steps", "3",
+                     "--out", str(gif)]) == 0
+    im = Image.open(gif)
+    assert im.n_frames == 7  # 3 latents, 3 steps between each, plus the last
+    G, _ = load_generator(run16)
+    w0, _ = outputs.read_latent((outs[0] / "projected_w.npz").read_bytes(), G.num_ws, G.w_dim)
+    first = outputs.to_uint8(G.synthesis(w0[None], noise_mode="const")[0])
+    assert np.abs(np.asarray(im.convert("RGB")).astype(int) - first.astype(int)).mean() < 8  # GIF palette
+    assert cli.main(["generate", "--checkpoint", run16, "--latents", latents, "--out", str(tmp_path / "g.png")]) == 0
+    assert read_png(tmp_path / "g.png").shape == (16, 32, 3)
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--checkpoint", run16, "--latents", str(tmp_path / "none.npz"), "--out", str(gif)])
