@@ -49,10 +49,14 @@ def test_interactive_jobs_overtake_queued_bulk_jobs():
     assert asyncio.run(scenario()) == ["bulk-running", "sample", "bulk-0", "bulk-1", "bulk-2"]
 
 
-def test_chunks_of_heavy_requests_take_turns():
+def test_bulk_work_goes_shortest_remaining_first():
+    """Heavy requests submit one chunk at a time, tagged with the chunks they still have to run: the request
+    closest to done goes first, so a 1-chunk grid overtakes two 3-chunk morphs, and the morphs finish one
+    after the other instead of all at the end (their encodings then overlap the other's network work)."""
+
     async def heavy(sched, log, name, chunks):
         for k in range(chunks):
-            await sched.run(BULK, _job(log, f"{name}{k}"))
+            await sched.run(BULK, _job(log, f"{name}{k}"), remaining=chunks - k)
 
     async def scenario():
         sched, log = ModelScheduler(), []
@@ -60,7 +64,7 @@ def test_chunks_of_heavy_requests_take_turns():
         sched.shutdown()
         return log
 
-    assert asyncio.run(scenario()) == ["a0", "b0", "c0", "a1", "b1", "a2", "b2"]
+    assert asyncio.run(scenario()) == ["c0", "a0", "a1", "a2", "b0", "b1", "b2"]
 
 
 def test_abandoned_jobs_are_skipped_and_failures_reach_their_caller():

@@ -267,7 +267,7 @@ class SamplerDeployment:
         model = self._model
         work.check_sampling(model.G, req.sampling)
         seeds = list(req.seeds)
-        ws = await self._scheduler.run(BULK, work.seeds_ws, model, seeds, req.sampling)
+        ws = await self._scheduler.run(BULK, work.seeds_ws, model, seeds, req.sampling, remaining=_chunks(len(seeds)) + 1)
         images = await self._synthesize(model, ws, seeds, req.sampling.noise)
         if req.format == "zip":
             named = [(f"seed{seed:010d}.png", img) for seed, img in zip(req.seeds, images)]
@@ -279,7 +279,7 @@ class SamplerDeployment:
     async def morph(self, req: MorphRequest) -> Encoded:
         model = self._model
         work.check_sampling(model.G, req.sampling)
-        ws = await self._scheduler.run(BULK, work.morph_ws, model, req)
+        ws = await self._scheduler.run(BULK, work.morph_ws, model, req, remaining=_chunks(req.frames) + 1)
         frames = await self._synthesize(model, ws, None, req.sampling.noise)
         data = await self._encode(encode.encode_animation, frames, req.format, req.fps, req.quality)
         return Encoded(data, MEDIA_TYPES[req.format], model.name, {"X-Frames": str(len(frames))})
@@ -290,23 +290,34 @@ class SamplerDeployment:
         model = self._model
         work.check_sampling(model.G, req.sampling)
         work.check_layers(model.G, req.layers)
-        ws, mixed = await self._scheduler.run(BULK, work.mix_ws, model, req)
-        singles = await self._synthesize(model, ws, None, req.sampling.noise)
-        cells = await self._synthesize(model, mixed, None, req.sampling.noise)
         rows, cols = len(req.rows), len(req.cols)
+        cell_chunks = _chunks(rows * cols)
+        ws, mixed = await self._scheduler.run(BULK, work.mix_ws, model, req, remaining=_chunks(rows + cols) + cell_chunks + 1)
+        singles = await self._synthesize(model, ws, None, req.sampling.noise, after=cell_chunks)
+        cells = await self._synthesize(model, mixed, None, req.sampling.noise)
         grid = style_mix_grid(singles, cells, rows, cols)
         data = await self._encode(work.encode_grid, grid.reshape(-1, *grid.shape[2:]), cols + 1, 0)
         return Encoded(data, "image/png", model.name, {"X-Grid": f"{rows + 1}x{cols + 1}"})
 
-    async def _synthesize(self, model: LoadedModel, ws, seeds: list[int] | None, noise: str) -> np.ndarray:
-        """ws -> images, one bulk job per chunk of rows: other requests get the model thread in between."""
+    async def _synthesize(self, model: LoadedModel, ws, seeds: list[int] | None, noise: str, after: int = 0) -> np.ndarray:
+        """ws -> images, one bulk job per chunk of rows: other requests get the model thread in between.
+        ``after``: chunks the request has still to run after these (for the scheduler's order)."""
         from styleray.models.sampling import CHUNK
 
         parts = []
-        for i in range(0, ws.shape[0], CHUNK):
+        starts = range(0, ws.shape[0], CHUNK)
+        for k, i in enumerate(starts):
             part_seeds = seeds[i : i + CHUNK] if seeds is not None else None
-            parts.append(await self._scheduler.run(BULK, work.synthesize, model, ws[i : i + CHUNK], part_seeds, noise))
+            left = len(starts) - k + after
+            parts.append(await self._scheduler.run(BULK, work.synthesize, model, ws[i : i + CHUNK], part_seeds, noise, remaining=left))
         return np.concatenate(parts)
 
     async def _encode(self, fn: Callable, *args: Any) -> bytes:
         return await asyncio.get_running_loop().run_in_executor(self._encoder, fn, *args)
+
+
+def _chunks(rows: int) -> int:
+    """Network chunks (``sampling.CHUNK`` rows each) that ``rows`` images take."""
+    from styleray.models.sampling import CHUNK
+
+    return -(-rows // CHUNK)
