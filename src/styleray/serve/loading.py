@@ -59,6 +59,17 @@ class LoadedModel:
 
 def load_model(target: str, device: str, policy: SourcePolicy, max_bytes: int) -> LoadedModel:
     """The EMA generator of ``target`` (a checkpoint folder, or a run folder: its newest loadable one)."""
+    try:
+        return _load_model(target, device, policy, max_bytes)
+    except LoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever else fails, the caller gets a LoadError it can show
+        log.exception("loading %s failed", target)
+        message = policy.redact(f"{type(e).__name__}: {e}")
+        raise LoadError(f"checkpoint {policy.public(target)}: cannot be loaded: {message}") from None
+
+
+def _load_model(target: str, device: str, policy: SourcePolicy, max_bytes: int) -> LoadedModel:
     from styleray.platform.checkpoint import CheckpointError
 
     shown = policy.public(target)
