@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import socket
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -40,6 +43,29 @@ def make_broken_checkpoint(run_dir: str, cur_nimg: int, how: str) -> str:
         raise ValueError(f"how={how!r}: unbuildable or nan")
     meta = {"cur_nimg": cur_nimg, "kimg": cur_nimg / 1000, "tick": 0}
     return save_checkpoint(run_dir, state, config=RunConfig(model, train).to_dict(), meta=meta)
+
+
+@contextlib.contextmanager
+def running_app(args) -> Iterator[str]:
+    """The application for ``args`` (ServeArgs) on a private Ray cluster (2 CPUs), served on 127.0.0.1 by
+    Ray's real HTTP proxy: its base URL. Shut down, with the cluster, on exit."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from styleray.serve.app import build_app
+
+    if ray.is_initialized():  # a cluster left behind by an earlier module
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(args), name="styleray", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def free_port() -> int:

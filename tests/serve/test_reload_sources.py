@@ -12,7 +12,7 @@ from serve_helpers import make_broken_checkpoint, make_checkpoint
 from styleray.serve.args import ServeArgs
 from styleray.serve.loading import LoadError, load_model
 from styleray.serve.schemas import InvalidRequest
-from styleray.serve.sources import SourcePolicy, run_folder
+from styleray.serve.sources import run_folder
 
 GIB = 2**30
 

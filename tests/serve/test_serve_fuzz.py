@@ -5,13 +5,11 @@ URI never waits on a network."""
 
 from __future__ import annotations
 
-import os
-
 import httpx
 import pytest
 from fuzz_helpers import AUTH_HEADERS, assert_not_5xx, get_requests, post_requests
 from hypothesis import HealthCheck, given, settings
-from serve_helpers import free_port, make_broken_checkpoint, make_checkpoint
+from serve_helpers import make_broken_checkpoint, make_checkpoint, running_app
 
 KEY = "fuzz-key-9d0e"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -20,29 +18,15 @@ FUZZ = settings(max_examples=250, deadline=None, database=None, suppress_health_
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-    from ray import serve
-
-    from styleray.serve.app import build_app
     from styleray.serve.args import ServeArgs
 
     runs = tmp_path_factory.mktemp("fuzz") / "runs"
     make_checkpoint(str(runs / "r1"), seed=0, cur_nimg=1000)
     make_broken_checkpoint(str(runs / "broken"), 2000, "unbuildable")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = ServeArgs(checkpoint=str(runs / "r1"), cpus_per_replica=0.5, api_key=KEY, reload_schemes=(),
-                         reload_poll_s=0.5, max_requests_per_client=64)
-        serve.run(build_app(args), name="styleray", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    args = ServeArgs(checkpoint=str(runs / "r1"), cpus_per_replica=0.5, api_key=KEY, reload_schemes=(),
+                     reload_poll_s=0.5, max_requests_per_client=64)
+    with running_app(args) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ import pytest
 from serve_helpers import (
     CLASSES,
     RESOLUTION,
+    SlowClients,
     decode,
     frames,
-    free_port,
     make_checkpoint,
-    SlowClients,
+    running_app,
     start_moto,
 )
 
@@ -62,33 +62,19 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(run_dir):
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-    from ray import serve
-
-    from styleray.serve.app import build_app
     from styleray.serve.args import ServeArgs
 
-    port = free_port()
-    if ray.is_initialized():  # a cluster left behind by an earlier module
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = ServeArgs(
-            checkpoint=run_dir,
-            cpus_per_replica=0.5,
-            max_batch_size=16,
-            batch_wait_timeout_s=0.05,  # generous, so concurrent test requests surely share batches
-            api_key=KEY,
-            reload_poll_s=0.5,
-            body_timeout_s=3.0,
-        )
-        serve.run(build_app(args), name="styleray", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    args = ServeArgs(
+        checkpoint=run_dir,
+        cpus_per_replica=0.5,
+        max_batch_size=16,
+        batch_wait_timeout_s=0.05,  # generous, so concurrent test requests surely share batches
+        api_key=KEY,
+        reload_poll_s=0.5,
+        body_timeout_s=3.0,
+    )
+    with running_app(args) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import free_port, make_broken_checkpoint, make_checkpoint
+from serve_helpers import make_broken_checkpoint, make_checkpoint, running_app
 
 KEY = "reload-key-71c2"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -33,25 +33,11 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(runs):
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-    from ray import serve
-
-    from styleray.serve.app import build_app
     from styleray.serve.args import ServeArgs
 
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = ServeArgs(checkpoint=str(runs / "runs" / "r1"), cpus_per_replica=0.5, api_key=KEY, reload_poll_s=0.5)
-        serve.run(build_app(args), name="styleray", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    args = ServeArgs(checkpoint=str(runs / "runs" / "r1"), cpus_per_replica=0.5, api_key=KEY, reload_poll_s=0.5)
+    with running_app(args) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
