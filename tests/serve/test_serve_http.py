@@ -294,6 +294,34 @@ def test_api_key_needed_on_every_route(server):
         assert anon.get("/v1/info", auth=("anyone", KEY)).status_code == 200  # HTTP Basic, as a browser sends it
 
 
+@pytest.mark.slow
+def test_a_sample_does_not_wait_behind_morphs(client):
+    """Three 240-frame morphs are queued first (/v1/info shows their chunks waiting); a sample sent then is
+    answered before any of them (the model thread used to serve requests in arrival order: the sample waited
+    for every morph before it)."""
+    done: list[str] = []
+    lock = threading.Lock()
+
+    def fetch(name, path, params):
+        r = client.get(path, params={"class": 0, **params})
+        assert r.status_code == 200, r.text
+        with lock:
+            done.append(name)
+
+    morphs = [threading.Thread(target=fetch, args=(f"morph{i}", "/v1/morph", {"seeds": f"{i},{i + 9}", "steps": 120,
+                                                                             "loop": "true"})) for i in range(3)]
+    for t in morphs:
+        t.start()
+    deadline = time.monotonic() + 60
+    while client.get("/v1/info").json()["queue"]["bulk"] == 0:  # until morph chunks wait for the model
+        assert time.monotonic() < deadline and not done, done
+        time.sleep(0.05)
+    fetch("sample", "/v1/sample", {"seed": 77})
+    for t in morphs:
+        t.join()
+    assert done[0] == "sample", done
+
+
 def test_malformed_basic_auth_is_401_not_500(server):
     with httpx.Client(base_url=server, timeout=60) as anon:
         for value in [b"Basic \xe9\xe9", b"Basic \xc3\xa9", b"Basic !!!", b"Basic"]:

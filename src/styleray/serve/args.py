@@ -31,18 +31,18 @@ class ServeArgs(BaseModel):
         "auto", description="auto: cuda when the replica has a GPU, else cpu"
     )
     # replicas and resources
-    replicas: int = Field(1, ge=1, description="replicas of the generator when not autoscaling")
+    replicas: int = Field(1, ge=1, description="sampler replicas when not autoscaling")
     min_replicas: int | None = Field(None, ge=0, description="autoscaling lower bound (set both bounds to autoscale)")
     max_replicas: int | None = Field(None, ge=1, description="autoscaling upper bound")
     target_ongoing_requests: float = Field(16.0, gt=0, description="autoscaling target per replica")
-    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs reserved by each generator replica")
-    cpus_per_replica: float = Field(1.0, ge=0, description="CPUs reserved by each generator replica")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs reserved by each sampler replica")
+    cpus_per_replica: float = Field(1.0, ge=0, description="CPUs reserved by each sampler replica")
     ingress_cpus: float = Field(0.1, ge=0, description="CPUs reserved by the HTTP ingress replica")
     # batching
     batching: bool = Field(True, description="batch single-image requests across clients (@serve.batch)")
     max_batch_size: int = Field(32, ge=1, le=256, description="most single-image requests in one batch")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="longest wait for a batch to fill")
-    max_ongoing_requests: int = Field(256, ge=1, description="requests in flight per generator replica")
+    max_ongoing_requests: int = Field(256, ge=1, description="requests in flight per sampler replica")
     # security and reload
     api_key: SecretStr | None = Field(None, description="required in X-API-Key on every route when set")
     api_key_env: str = Field(DEFAULT_API_KEY_ENV, description="env var read for the key when api_key is unset")

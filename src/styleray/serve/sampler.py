@@ -201,6 +201,7 @@ class SamplerDeployment:
             "fallback": self._fallback_info(),
             "batching": a.batching,
             "max_batch_size": a.max_batch_size if a.batching else 1,
+            "queue": self._scheduler.waiting(),  # model jobs waiting on this replica: interactive, bulk
             "limits": limits(),
         }
 
