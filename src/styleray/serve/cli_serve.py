@@ -19,9 +19,8 @@ def serve_args_from_flags(args: argparse.Namespace):
     """ServeArgs from the CLI flags; a ValueError naming the flag when they do not fit together."""
     from pydantic import ValidationError
 
-    from styleray.serve.args import ServeArgs
-
     from styleray.platform import storage
+    from styleray.serve.args import ServeArgs
 
     key = os.environ.get(args.api_key_env) or None
     optional = {f: getattr(args, f) for f in OPTIONAL_FIELDS if getattr(args, f, None) is not None}

@@ -90,7 +90,7 @@ def parse_seed(value: object, name: str = "seed") -> int:
     problem = seed_problem(value)
     if problem is not None:
         raise InvalidRequest(f"{name}: {problem}")
-    return int(value.strip()) if isinstance(value, str) else int(value)
+    return _as_int(value)
 
 
 def _seed_field(value: object) -> int:
@@ -98,6 +98,10 @@ def _seed_field(value: object) -> int:
     problem = seed_problem(value)
     if problem is not None:
         raise PydanticCustomError("seed", problem)
+    return _as_int(value)
+
+
+def _as_int(value: object) -> int:
     return int(value.strip()) if isinstance(value, str) else int(value)
 
 
