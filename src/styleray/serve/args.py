@@ -75,7 +75,7 @@ class ServeArgs(BaseModel):
     def _schemes(cls, schemes: tuple[str, ...]) -> tuple[str, ...]:
         for scheme in schemes:
             if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme) or scheme == "file":
-                raise ValueError(f"reload_schemes: {scheme!r} is not a URL scheme like s3 or gs (local files: reload_roots)")
+                raise ValueError(f"{scheme!r} is not a URL scheme like s3 or gs (local folders: reload_roots)")
         return schemes
 
     @field_validator("trusted_proxies")
@@ -85,7 +85,7 @@ class ServeArgs(BaseModel):
             try:
                 ipaddress.ip_network(p, strict=False)
             except ValueError:
-                raise ValueError(f"trusted_proxies: {p!r} is not an IP address or network like 10.0.0.0/8") from None
+                raise ValueError(f"{p!r} is not an IP address or network like 10.0.0.0/8") from None
         return proxies
 
     @model_validator(mode="after")

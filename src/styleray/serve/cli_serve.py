@@ -8,7 +8,8 @@ import os
 
 log = logging.getLogger("styleray")
 
-# ServeArgs fields whose flags the `serve` parser may add (dest = the field name); absent or None: the default.
+# ServeArgs fields whose flags the `serve` parser may add (dest = the field name; lists from action="append"
+# for reload_roots, reload_schemes, trusted_proxies); absent or None: the ServeArgs default.
 OPTIONAL_FIELDS = (
     "reload_roots", "reload_schemes", "max_checkpoint_mb", "max_header_kb", "body_timeout_s",
     "max_requests_per_client", "max_pending_bodies", "trusted_proxies", "client_ip_header",
@@ -41,7 +42,8 @@ def serve_args_from_flags(args: argparse.Namespace):
             **optional,
         )
     except ValidationError as e:
-        flags = {"min_replicas": "--min-replicas", "max_replicas": "--max-replicas", "batch_wait_timeout_s": "--batch-wait-ms"}
+        flags = {"min_replicas": "--min-replicas", "max_replicas": "--max-replicas", "batch_wait_timeout_s": "--batch-wait-ms",
+                 "reload_roots": "--reload-root", "reload_schemes": "--reload-scheme", "trusted_proxies": "--trusted-proxy"}
         msgs = []
         for err in e.errors():
             field = str(err["loc"][0]) if err.get("loc") else ""
