@@ -362,7 +362,8 @@ def _cmd_tune(args) -> int:
 
     if args.resume:
         defaults = vars(build_parser().parse_args(["tune", "--out", args.out, "--resume"]))
-        ignored = [train_settings.flag_of(k) for k, v in vars(args).items() if defaults.get(k, not v) != v]
+        ignored = [train_settings.flag_of(k) for k, v in vars(args).items()
+                   if k != "verbose" and defaults.get(k, not v) != v]
         if ignored:
             log.warning("--resume continues the sweep with its saved settings (sweep.json); ignoring %s",
                         " ".join(ignored))
