@@ -5,5 +5,6 @@
 - ``nvidia_networks``: that plain data turned into styleray's model configuration and state dicts, every
   parameter and buffer accounted for.
 - ``onnx_export``: the generator (mapping + synthesis, truncation and class as inputs) as ONNX, checked
-  against PyTorch with onnxruntime.
+  against PyTorch with onnxruntime; ``onnx_spec`` states its contract (opset, inputs, tolerance) without
+  importing torch.
 """
