@@ -1,7 +1,7 @@
 """Transfer learning on CPU: the kimg needed to reach a pixel-FID from scratch, and from a model pretrained on
 other figures (``styleray train --init-from``, optionally with ``--freeze-d``).
 
-    .venv/bin/python benchmarks/transfer.py [--pretrain-kimg 30] [--kimg 20] [--images 512] [--freeze-d 0 4]
+    .venv/bin/python benchmarks/transfer.py [--pretrain-kimg 20] [--kimg 12] [--images 512] [--freeze-d 0 4]
 
 The built-in sample figures (styleray.datasets.synthetic) at 16 px, preset cpu-tiny, one process (--no-ray),
 --threads torch threads:
@@ -62,8 +62,8 @@ def kimg_to_reach(curve: list[tuple[float, float]], target: float) -> float | No
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pretrain-kimg", type=float, default=30.0, help="source training on full-body figures")
-    p.add_argument("--kimg", type=float, default=20.0, help="each target run on upper-body figures")
+    p.add_argument("--pretrain-kimg", type=float, default=20.0, help="source training on full-body figures")
+    p.add_argument("--kimg", type=float, default=12.0, help="each target run on upper-body figures")
     p.add_argument("--images", type=int, default=512, help="figures per subset")
     p.add_argument("--tick", type=float, default=1.0, help="kimg between measurements")
     p.add_argument("--num-gen", type=int, default=1000, help="generated images per measurement")

@@ -98,6 +98,20 @@ def dump(obj: Any, *extra: _Names) -> bytes:
         return pickle.dumps(obj, protocol=4)
 
 
+def random_networks(cfg, seed: int = 0):
+    """styleray's G, D and G_ema with every saved tensor random (noise strengths, noise maps and w_avg too, not
+    only what the constructors randomise), so that a tensor in the wrong place changes the results."""
+    from styleray.models.networks import Discriminator, Generator
+
+    torch.manual_seed(seed)
+    nets = Generator(cfg), Discriminator(cfg), Generator(cfg)
+    with torch.no_grad():
+        for net in nets:
+            for t in net.state_dict().values():  # shares memory with the network's tensors
+                t.add_(torch.randn_like(t) * 0.1)
+    return nets
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The torch.nn.Module state NVIDIA's classes pickle
 # ---------------------------------------------------------------------------------------------------------

@@ -22,17 +22,6 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
-def trained_looking(cfg: ModelConfig, seed: int = 0):
-    """G, D, G_ema with every saved tensor random (noise strengths and w_avg too), so a misplaced one shows."""
-    torch.manual_seed(seed)
-    nets = Generator(cfg), Discriminator(cfg), Generator(cfg)
-    with torch.no_grad():
-        for net in nets:
-            for t in net.state_dict().values():  # shares memory with the network's tensors
-                t.add_(torch.randn_like(t) * 0.1)
-    return nets
-
-
 def convert(data: bytes, source: str = "snap.pkl"):
     return convert_networks(read_network_pickle(data, source), source)
 
@@ -42,7 +31,7 @@ def convert(data: bytes, source: str = "snap.pkl"):
     tiny(c_dim=3, resolution=32, mapping_layers=8, num_fp16_res=0, conv_clamp=None, mbstd_group=4, z_dim=24),
 ], ids=["uncond16", "cond32"])
 def test_same_latent_gives_the_same_image_as_the_original(cfg):
-    G, D, G_ema = trained_looking(cfg)
+    G, D, G_ema = nf.random_networks(cfg)
     imported = convert(nf.dump(nf.snapshot(G, D, G_ema, augment_p=0.375)))
     assert imported.model == cfg
     z = torch.randn(4, cfg.z_dim)
@@ -64,14 +53,14 @@ def test_same_latent_gives_the_same_image_as_the_original(cfg):
 
 def test_a_freeze_d_snapshot_keeps_its_frozen_layers_as_buffers_and_still_maps():
     cfg = tiny()
-    G, D, G_ema = trained_looking(cfg)
+    G, D, G_ema = nf.random_networks(cfg)
     imported = convert(nf.dump(nf.snapshot(G, D, G_ema, freeze=5)))
     assert all(torch.equal(imported.states["D"][k], v) for k, v in D.state_dict().items())
 
 
 def test_the_stored_module_source_is_never_run(tmp_path):
     marker = tmp_path / "ran"
-    snap = nf.snapshot(*trained_looking(tiny()), marker=str(marker))
+    snap = nf.snapshot(*nf.random_networks(tiny()), marker=str(marker))
     exec(compile(snap["G"].module_src, "module_src", "exec"), {})  # the fixture's source does leave a marker ...
     assert marker.exists()
     marker.unlink()
@@ -86,7 +75,7 @@ def test_an_os_system_reduce_is_refused_by_name_and_not_run(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    snap = nf.snapshot(*trained_looking(tiny()))
+    snap = nf.snapshot(*nf.random_networks(tiny()))
     snap["G"].state["evil"] = Evil()
     with pytest.raises(NetworkPickleError, match=r"snap.pkl: refused: .*(posix|os)\.system"):
         convert(nf.dump(snap))
@@ -113,7 +102,7 @@ def test_tensorflow_pickles_are_named_and_the_conversion_step_given():
 
 
 def test_a_stylegan3_generator_is_named_as_unsupported():
-    snap = nf.snapshot(*trained_looking(tiny()))
+    snap = nf.snapshot(*nf.random_networks(tiny()))
     synthesis = snap["G_ema"].child("synthesis")
     synthesis.state["_modules"] = {"input": nf.Persistent("SynthesisInput", nf.module_state()),
                                    **synthesis.state["_modules"]}
@@ -122,7 +111,7 @@ def test_a_stylegan3_generator_is_named_as_unsupported():
 
 
 def test_other_architectures_are_named():
-    snap = nf.snapshot(*trained_looking(tiny()))
+    snap = nf.snapshot(*nf.random_networks(tiny()))
     snap["D"].state["_init_kwargs"]["architecture"] = "orig"
     with pytest.raises(NetworkPickleError, match="D was built with architecture='orig'.*resnet"):
         convert(nf.dump(snap))
@@ -139,14 +128,14 @@ def test_other_architectures_are_named():
      r"D.b16.conv1.resample_filter is not the \[1, 3, 3, 1\] low-pass filter"),
 ])
 def test_every_tensor_is_accounted_for(edit, message):
-    snap = nf.snapshot(*trained_looking(tiny()))
+    snap = nf.snapshot(*nf.random_networks(tiny()))
     edit(snap)
     with pytest.raises(NetworkPickleError, match=message):
         convert(nf.dump(snap))
 
 
 def test_bad_files_are_one_line_errors():
-    data = nf.dump(nf.snapshot(*trained_looking(tiny())))
+    data = nf.dump(nf.snapshot(*nf.random_networks(tiny())))
     with pytest.raises(NetworkPickleError, match="x.pkl: truncated or corrupt pickle"):
         read_network_pickle(data[: len(data) // 2], "x.pkl")
     with pytest.raises(NetworkPickleError, match="is not a pickle"):

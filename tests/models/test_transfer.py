@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import nvidia_fixture as nf
 from styleray.config import ModelConfig, TrainConfig
 from styleray.models.networks import Discriminator, Generator, count_parameters
 from styleray.models.training import StyleGAN2Trainer
@@ -58,14 +59,8 @@ def test_training_with_freeze_d_leaves_the_frozen_layers_untouched():
     assert not torch.equal(after["b4.fc.weight"], start["b4.fc.weight"])
 
 
-def _source(cfg: ModelConfig, seed: int = 1):
-    torch.manual_seed(seed)
-    nets = {"G": Generator(cfg), "D": Discriminator(cfg), "G_ema": Generator(cfg)}
-    with torch.no_grad():
-        for net in nets.values():
-            for t in net.state_dict().values():
-                t.add_(torch.randn_like(t) * 0.1)
-    return nets
+def _source(cfg: ModelConfig) -> dict:
+    return dict(zip(("G", "D", "G_ema"), nf.random_networks(cfg, seed=1)))
 
 
 def test_an_unconditional_source_starts_a_conditional_g_that_draws_the_source_for_every_class():

@@ -8,33 +8,21 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 import nvidia_fixture as nf
 from styleray import cli
 from styleray.config import ModelConfig
 from styleray.models import sampling
-from styleray.models.networks import Discriminator, Generator
 from styleray.platform import checkpoint as ckpt_lib
 from styleray.platform.importer import import_network
 
 CFG = ModelConfig(resolution=16, z_dim=16, w_dim=16, mapping_layers=2, channel_base=128, channel_max=16, mbstd_group=2)
 
 
-def networks(cfg: ModelConfig = CFG, seed: int = 0):
-    torch.manual_seed(seed)
-    nets = Generator(cfg), Discriminator(cfg), Generator(cfg)
-    with torch.no_grad():
-        for net in nets:
-            for t in net.state_dict().values():
-                t.add_(torch.randn_like(t) * 0.1)
-    return nets
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """An NVIDIA-structured snapshot on disk and the styleray networks it was made from."""
-    G, D, G_ema = networks()
+    G, D, G_ema = nf.random_networks(CFG)
     path = tmp_path_factory.mktemp("pkl") / "network-snapshot-000200.pkl"
     path.write_bytes(nf.dump(nf.snapshot(G, D, G_ema, augment_p=0.3)))
     return str(path), G_ema
@@ -101,7 +89,7 @@ def test_bad_files_exit_2_with_one_line_and_write_nothing(data, message, tmp_pat
 
 
 def test_a_pickle_without_g_ema_is_refused(tmp_path):
-    snap = nf.snapshot(*networks())
+    snap = nf.snapshot(*nf.random_networks(CFG))
     del snap["G_ema"]
     path = tmp_path / "no-ema.pkl"
     path.write_bytes(nf.dump(snap))

@@ -16,7 +16,6 @@ import torch
 
 import nvidia_fixture as nf
 from styleray.config import ModelConfig, resolve_preset
-from styleray.models.networks import Discriminator, Generator
 from styleray.models.training import StyleGAN2Trainer
 from styleray.platform import checkpoint as ckpt_lib
 from styleray.platform.train.run import train
@@ -26,21 +25,11 @@ from styleray.settings import SettingsError, TrainSettings, from_argv
 TINY, _ = resolve_preset("cpu-tiny", resolution=16)  # the source's architecture: cpu-tiny at 16 px
 
 
-def nets(cfg: ModelConfig = TINY, seed: int = 0):
-    torch.manual_seed(seed)
-    out = Generator(cfg), Discriminator(cfg), Generator(cfg)
-    with torch.no_grad():
-        for net in out:
-            for t in net.state_dict().values():
-                t.add_(torch.randn_like(t) * 0.1)
-    return out
-
-
 @pytest.fixture(scope="module")
 def pkl(tmp_path_factory):
     """An unconditional NVIDIA-structured snapshot of cpu-tiny at 16 px (augment p 0.3)."""
     path = tmp_path_factory.mktemp("src") / "network-snapshot-000100.pkl"
-    G, D, G_ema = nets()
+    G, D, G_ema = nf.random_networks(TINY)
     path.write_bytes(nf.dump(nf.snapshot(G, D, G_ema, augment_p=0.3)))
     return str(path), {"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict()}
 
