@@ -34,7 +34,7 @@ PRESET_FIELDS = (("channel_base", "channel base"), ("channel_max", "channel max"
 class Source:
     uri: str  # a checkpoint folder, or an NVIDIA network pickle
     model: ModelConfig
-    kind: str  # "checkpoint" or "pickle"
+    kind: str  # "checkpoint", "pickle", or "resumed" (the run's own newest checkpoint: the source is not read)
 
 
 def resolve_run(settings: TrainSettings, resolution: int, channels: int, num_classes: int,
@@ -48,6 +48,8 @@ def resolve_run(settings: TrainSettings, resolution: int, channels: int, num_cla
         source = _started_model(run.out, settings) or read_source(settings.init_from)
         model = check_against_source(settings, run, source)
         run = dataclasses.replace(run, model=model, init_from=source.uri)
+        log.info("--init-from: %s %s (%d px, %s)", source.kind, source.uri, model.resolution,
+                 f"{model.c_dim} classes" if model.c_dim else "unconditional")
     layers = discriminator_layer_count(run.model)
     if settings.freeze_d > layers:
         raise SettingsError(f"freeze_d (--freeze-d) = {settings.freeze_d}: the discriminator at "
@@ -84,6 +86,8 @@ def _read_pickle(path: str, flag: str):
         raise SettingsError(f"{flag}: {e}") from None
     except IsADirectoryError:
         raise SettingsError(f"{flag} is a folder with no checkpoints (train or import into it first)") from None
+    except OSError as e:
+        raise SettingsError(f"{flag} cannot be read: {e.strerror or e}") from None
     return imported.model, imported.states
 
 
@@ -139,8 +143,8 @@ def _data_differences(settings: TrainSettings, src: ModelConfig, ours: ModelConf
     """Resolution, channels and classes: what the dataset (or --resolution, --cond) gives against the source."""
     problems = []
     if ours.resolution != src.resolution:
-        fix = (f"drop --resolution {settings.resolution}" if settings.resolution else
-               f"prepare the data at {src.resolution} px: styleray prepare ... --resolution {src.resolution}")
+        fix = f"train on data prepared at {src.resolution} px: styleray prepare ... --resolution {src.resolution}"
+        fix += f", with --resolution {src.resolution} or none" if settings.resolution else ""
         problems.append(f"resolution: the source is {src.resolution} px, this run {ours.resolution} px ({fix})")
     if ours.img_channels != src.img_channels:
         problems.append(f"channels: the source makes {src.img_channels}-channel images, {settings.data} holds "

@@ -65,13 +65,14 @@ def test_every_contradiction_is_listed_with_its_fix(pkl, tiny_data, tmp_path):
     with pytest.raises(SettingsError) as e:
         resolve_run(s, 16, 1, 2)
     message = str(e.value)
-    for part in ("resolution: the source is 16 px, this run 32 px (drop --resolution 32)",
+    for part in ("resolution: the source is 16 px, this run 32 px (train on data prepared at 16 px: styleray "
+                 "prepare ... --resolution 16, with --resolution 16 or none)",
                  "channels: the source makes 3-channel images", "mapping depth: the source has 2 layers, --map 4",
                  "channel base: the source has 2048, --preset paper256", "drop --preset",
                  "minibatch-std group: the source's is 4, and --batch 6 over --workers 1 is 6 per worker (try --batch 8)"):
         assert part in message, part
     assert "\n" not in message
-    with pytest.raises(SettingsError, match="prepare the data at 16 px: styleray prepare ... --resolution 16"):
+    with pytest.raises(SettingsError, match=r"prepared at 16 px: styleray prepare ... --resolution 16\)"):
         resolve_run(settings(tiny_data, tmp_path / "r", init_from=pkl[0]), 32, 3, 2)
 
 
