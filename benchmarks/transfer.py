@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the cores are shared)")
     p.add_argument("--seed", type=int, default=0, help="training seed of every run")
     p.add_argument("--work", default=None, help="working folder (default: a temporary one, removed)")
+    p.add_argument("--grids", default=None, metavar="PNG",
+                   help="also write the sample grids side by side: the source, then each target run after its "
+                        "second tick and at the end")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = args.work or tempfile.mkdtemp(prefix="styleray-transfer-")
@@ -101,6 +104,8 @@ def run_all(args, work: str) -> dict:
         name = f"init-from{f' + freeze-d {n}' if n else ''}"
         runs[name] = train_run(target_data, os.path.join(work, name.replace(" ", "")), args, init_from=source,
                                freeze_d=n, **measured)
+    if args.grids:
+        compose_grids([source] + [os.path.join(work, n.replace(" ", "")) for n in runs], args.grids)
     scratch = runs["scratch"][0]
     targets = args.target_fid or [scratch[-1][1], scratch[len(scratch) // 2 - 1][1]]
     return {
@@ -108,6 +113,24 @@ def run_all(args, work: str) -> dict:
         "curves": {k: c for k, (c, _) in runs.items()}, "seconds": {k: s for k, (_, s) in runs.items()},
         "targets": {f"{t:.4g}": {k: kimg_to_reach(c, t) for k, (c, _) in runs.items()} for t in targets},
     }
+
+
+def compose_grids(run_dirs: list[str], path: str, scale: int = 2) -> None:
+    """One PNG: the first run's last grid, then every other run's grid after its second tick and its last."""
+    from PIL import Image
+
+    def grids(run_dir: str) -> list[str]:
+        folder = os.path.join(run_dir, "grids")
+        return [os.path.join(folder, n) for n in sorted(os.listdir(folder))]
+
+    files = grids(run_dirs[0])[-1:] + [g for d in run_dirs[1:] for g in (grids(d)[1], grids(d)[-1])]
+    images = [Image.open(f).convert("RGB") for f in files]
+    out = Image.new("RGB", (max(i.width for i in images), sum(i.height + 4 for i in images)), "black")
+    y = 0
+    for image in images:
+        out.paste(image, (0, y))
+        y += image.height + 4
+    out.resize((out.width * scale, out.height * scale), Image.NEAREST).save(path)
 
 
 def report(result: dict, args) -> str:
