@@ -36,14 +36,14 @@ import time
 
 
 def make_checkpoint(run_dir: str, resolution: int) -> str:
-    from styleray.config import RunConfig, resolve_preset
+    from styleray.config import RunSpec, resolve_preset
     from styleray.models.training import StyleGAN2Trainer
     from styleray.platform.checkpoint import save_checkpoint
 
     model, train = resolve_preset("cpu-tiny", resolution=resolution, train_overrides={"batch": 4})
     trainer = StyleGAN2Trainer(model, train)
     meta = {"cur_nimg": 0, "kimg": 0.0, "tick": 0}
-    return save_checkpoint(run_dir, trainer.state_dict(), config=RunConfig(model, train).to_dict(), meta=meta)
+    return save_checkpoint(run_dir, trainer.state_dict(), config=RunSpec(model, train).to_dict(), meta=meta)
 
 
 CHUNK = 8  # rows the network always runs on (styleray.models.sampling.CHUNK)

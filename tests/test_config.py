@@ -2,7 +2,7 @@
 
 import pytest
 
-from styleray.config import PRESETS, ModelConfig, RunConfig, TrainConfig, auto_batch, resolve_preset
+from styleray.config import PRESETS, ModelConfig, RunSpec, TrainConfig, auto_batch, resolve_preset
 
 
 @pytest.mark.parametrize(
@@ -41,10 +41,10 @@ def test_overrides_apply_last():
 
 def test_run_config_json_roundtrip():
     model, train = resolve_preset("cpu-tiny", resolution=32)
-    run = RunConfig(model, train, preset="cpu-tiny", data="d", out="o")
+    run = RunSpec(model, train, preset="cpu-tiny", data="d", out="o")
     import json
 
-    assert RunConfig.from_dict(json.loads(run.to_json())) == run
+    assert RunSpec.from_dict(json.loads(run.to_json())) == run
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from styleray import cli
+from styleray.settings import TrainSettings, given
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
@@ -23,7 +24,7 @@ README = os.path.join(REPO, "README.md")
 COVERED_ELSEWHERE = {
     "make demo": "tests/test_demo.py",  # runs `styleray demo`, the Makefile target's command (checked below)
     "make test": ".ci/run",  # CI runs exactly `make test`
-    "ray job submit": "tests/platform/test_job_submit.py",  # and scripts/rehearse-node-loss.sh
+    "ray job submit": "tests/platform/manager/test_job_submit.py",  # and scripts/rehearse-node-loss.sh
     "serve deploy": "tests/serve/test_serve_yaml.py",  # serve.yaml against Ray Serve's schema and the builder
     "scripts/rehearse-node-loss.sh": "tests/test_rehearse_script.py",
 }
@@ -32,7 +33,7 @@ INLINE_ELSEWHERE = {
     "ray up": "tests/test_cluster_yaml.py",  # cluster.yaml validated against the autoscaler schema, offline
     "ray dashboard": "tests/test_cluster_yaml.py",
     "ray down": "tests/test_cluster_yaml.py",
-    "ray job submit": "tests/platform/test_job_submit.py",
+    "ray job submit": "tests/platform/manager/test_job_submit.py",
     "serve deploy": "tests/serve/test_serve_yaml.py",
     "make demo": "tests/test_demo.py",
     "make test": ".ci/run",
@@ -40,7 +41,7 @@ INLINE_ELSEWHERE = {
     "make clean": "Makefile",
     "pip install": "Makefile",
     "ray start": "tests/test_rehearse_script.py",  # scripts/rehearse-node-loss.sh starts its nodes with it
-    "ray job stop": "tests/platform/test_manager_control.py",  # a STOPPED job is resumed by the manager
+    "ray job stop": "tests/platform/manager/test_manager_control.py",  # a STOPPED job is resumed by the manager
 }
 
 
@@ -82,14 +83,15 @@ def _covered(argv: list[str], table: dict[str, str]) -> str | None:
 
 def _parse_styleray(argv: list[str]) -> None:
     """Parse with the real parser (SystemExit = a README command that does not parse); `queue add` also
-    checks the train flags it passes through."""
+    checks the train settings it records."""
     assert argv[0] == "styleray"
     try:
         args = cli.build_parser().parse_args(argv[1:])
-        if getattr(args, "_train_passthrough", False) and args.train_args:
-            cli.build_parser().parse_args(["train", "--data", "d", "--out", "o", *args.train_args])
     except SystemExit as e:
         raise AssertionError(f"README command does not parse: {' '.join(argv)}") from e
+    if argv[1:3] == ["queue", "add"]:  # its train settings are kept as text, to be recorded: check them here
+        assert not args.unknown_flags, f"README command has unknown flags {args.unknown_flags}: {' '.join(argv)}"
+        TrainSettings.from_mapping({"data": "d", "out": "o", **given(args)}, " ".join(argv))
 
 
 # -- the tests ---------------------------------------------------------------------------------------------

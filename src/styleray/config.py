@@ -101,6 +101,7 @@ class TrainConfig:
     unstable_ticks: int = 3  # Roll back after this many consecutive collapsed ticks (NaN/Inf losses: at once).
     collapse_d_loss: float = 0.05  # A tick is collapsed when the D loss is below this while the G loss climbs.
     max_rollbacks: int = 3  # Roll back to the last stable checkpoint at most this many times; 0 = never.
+    freeze_d: int = 0  # FreezeD: the discriminator's first this many layers (from the image) are not trained.
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -125,6 +126,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_rollbacks < 0:
             raise ValueError(f"--max-rollbacks {self.max_rollbacks} must be >= 0 (0 = stop at the first instability)")
+        if self.freeze_d < 0:
+            raise ValueError(f"--freeze-d {self.freeze_d} must be >= 0 (0 = train every discriminator layer)")
         if not self.collapse_d_loss >= 0:
             raise ValueError(f"collapse_d_loss {self.collapse_d_loss} must be >= 0 (0 = only NaN/Inf counts)")
         if not 0.0 <= self.style_mixing <= 1.0:
@@ -144,8 +147,10 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """A resolved training run: model + training schedule + where data and results live."""
+class RunSpec:
+    """A resolved training run: model + training schedule + where data and results live (written as
+    config.json into every run folder and checkpoint). Named apart from ``ray.train.RunConfig`` and
+    ``ray.tune.RunConfig`` on purpose."""
 
     model: ModelConfig
     train: TrainConfig
@@ -153,6 +158,7 @@ class RunConfig:
     data: str | None = None  # Prepared dataset: folder, zip or s3:// URI.
     out: str | None = None  # Run folder (checkpoints, metrics, grids): local path or s3:// URI.
     device: str = "cpu"  # torch device for single-process training.
+    init_from: str | None = None  # A new run starts from these weights (a checkpoint URI or an NVIDIA .pkl).
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -161,7 +167,7 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunSpec":
         train = dict(d["train"])
         train["betas"] = tuple(train.get("betas", (0.0, 0.99)))
         return cls(
@@ -171,6 +177,7 @@ class RunConfig:
             data=d.get("data"),
             out=d.get("out"),
             device=d.get("device", "cpu"),
+            init_from=d.get("init_from"),
         )
 
 
@@ -213,7 +220,7 @@ PRESETS: dict[str, PresetSpec] = {
     "paper512": PresetSpec("ADA paper, 512x512 datasets.", 8, 64, 8, 1.0, 0.0025, 0.5, 20.0, None, map=8),
     "paper1024": PresetSpec("ADA paper, 1024x1024 datasets.", 8, 32, 4, 1.0, 0.002, 2.0, 10.0, None, map=8),
     "cpu-tiny": PresetSpec(
-        "A few channels, for tests and the CPU demo (32-64 px; trains in minutes on 2 cores).",
+        "A few channels, for tests and the CPU demo (16-32 px; trains in minutes on 2 cores).",
         None, 16, 4, 2048 / 32768, 0.0025, 0.1, 1.0, 0.05, map=2,
         channel_max=64, z_dim=64, w_dim=64,
         extra_train={"tick_kimg": 0.5, "snap": 4, "ada_kimg": 20.0},
@@ -290,6 +297,6 @@ def resolve_preset(
     if train.batch_per_worker % model.mbstd_group != 0:
         raise ValueError(
             f"per-worker batch {train.batch_per_worker} (--batch {train.batch} / --workers {train.workers}) "
-            f"must be divisible by the minibatch std group {model.mbstd_group} (change --batch or --mbstd-group)"
+            f"must be divisible by the minibatch std group {model.mbstd_group} (change --batch or --workers)"
         )
     return model, train

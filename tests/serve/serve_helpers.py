@@ -11,7 +11,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from styleray.config import RunConfig, resolve_preset
+from styleray.config import RunSpec, resolve_preset
 from styleray.models.training import StyleGAN2Trainer
 from styleray.platform.checkpoint import save_checkpoint
 
@@ -26,7 +26,7 @@ def make_checkpoint(run_dir: str, seed: int, cur_nimg: int, resolution: int = RE
     )
     trainer = StyleGAN2Trainer(model, train)
     meta = {"cur_nimg": cur_nimg, "kimg": cur_nimg / 1000, "tick": 0}
-    return save_checkpoint(run_dir, trainer.state_dict(), config=RunConfig(model, train).to_dict(), meta=meta)
+    return save_checkpoint(run_dir, trainer.state_dict(), config=RunSpec(model, train).to_dict(), meta=meta)
 
 
 def make_broken_checkpoint(run_dir: str, cur_nimg: int, how: str) -> str:
@@ -42,7 +42,7 @@ def make_broken_checkpoint(run_dir: str, cur_nimg: int, how: str) -> str:
     else:
         raise ValueError(f"how={how!r}: unbuildable or nan")
     meta = {"cur_nimg": cur_nimg, "kimg": cur_nimg / 1000, "tick": 0}
-    return save_checkpoint(run_dir, state, config=RunConfig(model, train).to_dict(), meta=meta)
+    return save_checkpoint(run_dir, state, config=RunSpec(model, train).to_dict(), meta=meta)
 
 
 @contextlib.contextmanager

@@ -121,7 +121,7 @@ def test_size_cap_is_checked_before_reading(runs, policy, monkeypatch):
     run = runs / "runs" / "huge"
     uri = make_checkpoint(str(run), seed=0, cur_nimg=100)
     os.truncate(os.path.join(uri, "state.pt"), 300 * 2**20)
-    import styleray.platform.storage as storage
+    import styleray.storage as storage
 
     def no_read(path):
         raise AssertionError(f"read {path}")

@@ -44,7 +44,7 @@ def run_dir(tmp_path_factory):
     os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": endpoint})
     os.environ.pop("AWS_ENDPOINT_URL_S3", None)
     try:
-        from styleray.platform import storage
+        from styleray import storage
 
         fs, _ = storage.filesystem("s3://styleray-serve")
         fs.mkdir("styleray-serve")

@@ -20,7 +20,7 @@ def serve_args_from_flags(args: argparse.Namespace):
     """ServeArgs from the CLI flags; a ValueError naming the flag when they do not fit together."""
     from pydantic import ValidationError
 
-    from styleray.platform import storage
+    from styleray import storage
     from styleray.serve.args import ServeArgs
 
     key = os.environ.get(args.api_key_env) or None

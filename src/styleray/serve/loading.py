@@ -90,7 +90,7 @@ def _load_model(target: str, device: str, policy: SourcePolicy, max_bytes: int) 
 
 def _candidates(target: str, shown: str, policy: SourcePolicy) -> list[str]:
     """The checkpoint folders to try, newest first."""
-    from styleray.platform import storage
+    from styleray import storage
     from styleray.platform.checkpoint import checkpoints_dir, list_checkpoints
 
     try:
@@ -106,7 +106,7 @@ def _candidates(target: str, shown: str, policy: SourcePolicy) -> list[str]:
 
 def _check_sizes(uri: str, policy: SourcePolicy, max_bytes: int) -> None:
     """Refuse files over the caps before reading them (a missing file is reported by the loader)."""
-    from styleray.platform import storage
+    from styleray import storage
 
     for name, cap in (("state.pt", max_bytes), ("meta.json", MAX_JSON_BYTES), ("config.json", MAX_JSON_BYTES)):
         fs, path = storage.filesystem(storage.join(uri, name))

@@ -26,7 +26,7 @@ async def reload_checkpoint(
     poll_s: float,
 ) -> tuple[int, dict]:
     """The reload protocol above; ``sampler`` and ``registry`` are deployment handles."""
-    from styleray.platform import storage
+    from styleray import storage
 
     try:
         target = policy.resolve(checkpoint) if checkpoint else storage.absolute(served)
