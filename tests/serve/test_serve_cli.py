@@ -49,6 +49,26 @@ def test_missing_checkpoint_exits_2_before_starting_ray(tmp_path, capsys):
     assert "--checkpoint:" in capsys.readouterr().err
 
 
+def test_flags_for_the_new_serve_args_map_onto_them(tmp_path):
+    """The reload and HTTP-limit settings are ServeArgs fields; a `serve` flag whose dest is the field's name
+    reaches them (lists from action="append"), and a bad value is reported under the flag's name."""
+    import argparse
+
+    from styleray.serve.cli_serve import serve_args_from_flags
+
+    base = dict(checkpoint="runs/r1", device="auto", replicas=1, min_replicas=None, max_replicas=None,
+                gpus_per_replica=0.0, cpus_per_replica=1.0, no_batching=False, max_batch_size=32, batch_wait_ms=5.0,
+                api_key_env="STYLERAY_API_KEY")
+    args = serve_args_from_flags(argparse.Namespace(**base, reload_roots=["/data/runs"], trusted_proxies=["10.0.0.1"],
+                                                    body_timeout_s=3.0, max_requests_per_client=None))
+    assert args.reload_roots == ("/data/runs",) and args.trusted_proxies == ("10.0.0.1",) and args.body_timeout_s == 3
+    assert args.max_requests_per_client == 32 and os.path.isabs(args.checkpoint)  # None: the default
+    with pytest.raises(ValueError, match="^--trusted-proxy 'nope' is not an IP address"):
+        serve_args_from_flags(argparse.Namespace(**base, trusted_proxies=["nope"]))
+    with pytest.raises(ValueError, match="^--reload-scheme 'file' is not a URL scheme"):
+        serve_args_from_flags(argparse.Namespace(**base, reload_schemes=["file"]))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_serve_command_serves_until_interrupted(tmp_path):

@@ -9,10 +9,13 @@ Pure Python (pydantic, no torch, no Ray): the ingress validates with it before a
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 # -- bounds -------------------------------------------------------------------------------------------------
 MAX_SEED = 2**32 - 1  # seeds are NumPy RandomState seeds: [0, 2**32 - 1]
@@ -29,6 +32,7 @@ MAX_BODY_BYTES = 64 * 1024  # a POST body larger than this is refused before par
 ImageFormat = Literal["png", "jpeg", "webp"]
 AnimationFormat = Literal["gif", "webp"]
 NoiseMode = Literal["const", "random", "none"]
+FrameNoise = Literal["const", "none"]  # morphs and mixing grids: random noise is seeded per sample
 LatentSpace = Literal["w", "z"]
 GridFormat = Literal["png", "zip"]
 
@@ -59,25 +63,59 @@ def limits() -> dict:
     }
 
 
-# -- parsing of list-valued query parameters ----------------------------------------------------------------
+# -- parsing: one parser for seeds and integer lists, ASCII digits only -------------------------------------
+# str.isdigit() accepts superscripts ('²') that int() refuses and other scripts' digits ('١') that int()
+# accepts; a seed is written with 0-9 only, on every route, and every route refuses it with the same words.
+
+_UINT = re.compile(r"[0-9]{1,20}")
+SEED_RULE = f"seeds are integers in [0, {MAX_SEED}] written with the digits 0-9"
+
+
+def seed_problem(value: object) -> str | None:
+    """Why ``value`` (a query string or a JSON value) is not a seed, or None when it is one."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not _UINT.fullmatch(text):
+            return f"{value[:40]!r} is not a seed; {SEED_RULE}"
+        value = int(text)
+    elif isinstance(value, bool) or not isinstance(value, int):  # JSON true, 1.5, 1.0, null, lists...
+        return f"{json.dumps(value, default=str)[:40]} is not a seed; {SEED_RULE}"
+    if not 0 <= value <= MAX_SEED:
+        return f"seed {str(value)[:40]} is out of range [0, {MAX_SEED}]"
+    return None
+
+
+def parse_seed(value: object, name: str = "seed") -> int:
+    """A seed from a query string or a JSON value; InvalidRequest naming the parameter otherwise."""
+    problem = seed_problem(value)
+    if problem is not None:
+        raise InvalidRequest(f"{name}: {problem}")
+    return _as_int(value)
+
+
+def _seed_field(value: object) -> int:
+    """Pydantic's view of a seed (query ``seed``, JSON ``seeds``): the same rule and words as parse_seed."""
+    problem = seed_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("seed", problem)
+    return _as_int(value)
+
+
+def _as_int(value: object) -> int:
+    return int(value.strip()) if isinstance(value, str) else int(value)
+
+
+Seed = Annotated[int, BeforeValidator(_seed_field)]
 
 
 def parse_seed_list(text: str, name: str, max_count: int = MAX_SEEDS, min_count: int = 1) -> list[int]:
     """'3,17,42' -> [3, 17, 42]; InvalidRequest naming the parameter, the bad value and the limit."""
-    parts = [p.strip() for p in text.split(",")] if text.strip() else []
+    parts = text.split(",") if text.strip() else []
     if len(parts) > max_count:
         raise InvalidRequest(f"{name}: {len(parts)} seeds given, at most {max_count} allowed")
     if len(parts) < min_count:
         raise InvalidRequest(f"{name}: give at least {min_count} comma-separated seeds, e.g. {name}=3,17,42")
-    seeds = []
-    for p in parts:
-        if not p.isdigit():  # no signs, no decimals, no exponents
-            raise InvalidRequest(f"{name}: {p!r} is not a seed; seeds are integers in [0, {MAX_SEED}]")
-        v = int(p)
-        if v > MAX_SEED:
-            raise InvalidRequest(f"{name}: seed {v} is out of range [0, {MAX_SEED}]")
-        seeds.append(v)
-    return seeds
+    return [parse_seed(p, name) for p in parts]
 
 
 def parse_layers(text: str | None, name: str = "layers") -> list[int] | None:
@@ -88,8 +126,8 @@ def parse_layers(text: str | None, name: str = "layers") -> list[int] | None:
     for part in text.split(","):
         part = part.strip()
         lo, sep, hi = part.partition("-")
-        if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise InvalidRequest(f"{name}: {part!r} is not a layer index or range like 0-5")
+        if not _UINT.fullmatch(lo) or (sep and not _UINT.fullmatch(hi)):
+            raise InvalidRequest(f"{name}: {part[:40]!r} is not a layer index or range like 0-5 (digits 0-9)")
         a, b = int(lo), int(hi) if sep else int(lo)
         if b < a or b > 63:
             raise InvalidRequest(f"{name}: {part!r} must be an increasing range within 0-63")
@@ -169,21 +207,13 @@ class SamplesBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
-    seeds: list[int] = Field(min_length=1, max_length=MAX_SEEDS, description=f"1 to {MAX_SEEDS} seeds")
+    seeds: list[Seed] = Field(min_length=1, max_length=MAX_SEEDS, description=f"1 to {MAX_SEEDS} seeds")
     truncation: float = Field(1.0, ge=TRUNCATION_RANGE[0], le=TRUNCATION_RANGE[1], allow_inf_nan=False)
     class_idx: int | None = Field(None, alias="class", ge=0, description="class index of a conditional model")
     noise: NoiseMode = "const"
     format: GridFormat = "png"
     cols: int | None = Field(None, ge=1, le=MAX_GRID_COLS, description="grid columns (default: square)")
     pad: int = Field(0, ge=0, le=16, description="pixels between grid cells")
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds_in_range(cls, seeds: list[int]) -> list[int]:
-        bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
-        if bad:
-            raise ValueError(f"seeds {bad[:5]} out of range [0, {MAX_SEED}]")
-        return seeds
 
     def to_request(self) -> GridRequest:
         return GridRequest(
