@@ -362,6 +362,21 @@ def _add_serve(sub) -> None:
     p.add_argument("--api-key-env", default="STYLERAY_API_KEY", help="environment variable holding the API key")
     p.add_argument("--address", default=None, help="Ray cluster address (default: attach to a running one or start one)")
     p.add_argument("--route-prefix", default="/", help="URL prefix of the application")
+    g = p.add_argument_group("what reload may read (README: Security)")
+    g.add_argument("--reload-root", dest="reload_roots", action="append", default=argparse.SUPPRESS, metavar="PATH",
+                   help="a local folder reload may read under (repeatable; default: the served run's parent)")
+    g.add_argument("--reload-scheme", dest="reload_schemes", action="append", default=argparse.SUPPRESS, metavar="SCHEME",
+                   help="a URL scheme reload may read (repeatable; default: s3; http or ftp only if named)")
+    g.add_argument("--max-checkpoint-mb", type=float, default=argparse.SUPPRESS, help="largest state.pt a replica reads (default: 2048)")
+    g = p.add_argument_group("per-client limits (behind a reverse proxy: README, Security)")
+    g.add_argument("--max-header-kb", type=float, default=argparse.SUPPRESS, help="request headers over this get 431 (default: 16)")
+    g.add_argument("--body-timeout-s", type=float, default=argparse.SUPPRESS, help="a request body must arrive within this (default: 10)")
+    g.add_argument("--max-requests-per-client", type=int, default=argparse.SUPPRESS, help="429 beyond this many per address (default: 32)")
+    g.add_argument("--max-pending-bodies", type=int, default=argparse.SUPPRESS,
+                   help="503 beyond this many request bodies arriving at once, all clients together (default: 64)")
+    g.add_argument("--trusted-proxy", dest="trusted_proxies", action="append", default=argparse.SUPPRESS, metavar="ADDR",
+                   help="a reverse proxy (address or network) whose --client-ip-header names the client (repeatable)")
+    g.add_argument("--client-ip-header", default=argparse.SUPPRESS, help="the header trusted proxies set (default: X-Forwarded-For)")
     p.set_defaults(func=_cmd_serve)
 
 

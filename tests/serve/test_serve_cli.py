@@ -67,6 +67,13 @@ def test_flags_for_the_new_serve_args_map_onto_them(tmp_path):
         serve_args_from_flags(argparse.Namespace(**base, trusted_proxies=["nope"]))
     with pytest.raises(ValueError, match="^--reload-scheme 'file' is not a URL scheme"):
         serve_args_from_flags(argparse.Namespace(**base, reload_schemes=["file"]))
+    parsed = cli.build_parser().parse_args([
+        "serve", "--checkpoint", "runs/r1", "--reload-root", "/a", "--reload-root", "/b", "--reload-scheme", "gs",
+        "--max-header-kb", "8", "--trusted-proxy", "10.0.0.0/8", "--client-ip-header", "X-Real-IP"])
+    args = serve_args_from_flags(parsed)  # the command's own flags reach the same fields
+    assert args.reload_roots == ("/a", "/b") and args.reload_schemes == ("gs",) and args.max_header_kb == 8
+    assert args.trusted_proxies == ("10.0.0.0/8",) and args.client_ip_header == "X-Real-IP"
+    assert args.body_timeout_s == 10 and args.max_checkpoint_mb == 2048  # flags not given: the defaults
 
 
 @pytest.mark.slow
