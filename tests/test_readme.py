@@ -232,7 +232,7 @@ def test_curl_examples_are_valid_requests(line):
     from styleray.serve.api import create_api
 
     method, path, body, headers = curl_request(words(line))
-    app = create_api(_Backend(), api_key=None)
+    app = create_api(_Backend(), api_key=headers.get("X-API-Key"))  # a line that sends a key: the server has it
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:

@@ -317,6 +317,66 @@ def _cmd_project(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# import, export: other formats of the networks (styleray.platform.importer, styleray.platform.export)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _add_import(sub) -> None:
+    p = sub.add_parser(
+        "import",
+        help="an NVIDIA stylegan2-ada-pytorch network pickle -> a styleray run folder",
+        description="Read a network pickle written by NVIDIA's stylegan2-ada-pytorch (network-snapshot-*.pkl, or "
+        "its published pretrained models) without NVIDIA's code and without running anything stored in the "
+        "file, and write a run folder with one checkpoint (G, D, G_ema, the model configuration read from the "
+        "file, the augment strength if present). Prints the configuration and the parameter counts. Then "
+        "`styleray generate/serve/metrics --checkpoint RUN` use it, and `styleray train --init-from RUN` "
+        "fine-tunes from it. TensorFlow-era pickles must be converted first with NVIDIA's legacy.py; StyleGAN3 "
+        "pickles are not supported.",
+    )
+    p.add_argument("file", metavar="FILE.pkl", help="the network pickle (local or s3://)")
+    p.add_argument("--out", required=True, metavar="RUN", help="a new run folder (local or s3://)")
+    p.set_defaults(func=_cmd_import)
+
+
+def _cmd_import(args) -> int:
+    from styleray.platform.importer import describe, import_network
+
+    print(describe(import_network(args.file, args.out)))
+    return 0
+
+
+def _add_export(sub) -> None:
+    from styleray.models.interop.onnx_spec import CHECK_BATCHES, OPSET, TOLERANCE  # light: standard library only
+
+    p = sub.add_parser(
+        "export",
+        help="a checkpoint's generator -> ONNX (checked with onnxruntime)",
+        description=f"Export a checkpoint's EMA generator (mapping + synthesis) as ONNX, opset {OPSET} by default. "
+        "Inputs: z float32 [batch, z_dim], psi float32 [] (truncation; 1 = none) and, for a conditional model, c "
+        "float32 [batch, c_dim] (one-hot class); output: img float32 [batch, C, H, W] in about [-1, 1]. The batch "
+        "axis is dynamic (any size); the noise is constant (noise_mode const). Before the file is written, "
+        f"onnxruntime runs it at batch sizes {' and '.join(map(str, CHECK_BATCHES))} and its images must lie "
+        f"within --tolerance of PyTorch's (default {TOLERANCE:g}).",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--onnx", required=True, metavar="G.onnx", help="the ONNX file to write (local or s3://)")
+    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset version (default {OPSET})")
+    p.add_argument("--tolerance", type=_positive_float, default=TOLERANCE,
+                   help=f"largest |onnxruntime - PyTorch| allowed on the images (default {TOLERANCE:g})")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from styleray.platform.export import export_onnx
+
+    r = export_onnx(args.checkpoint, args.onnx, opset=args.opset, tolerance=args.tolerance)
+    print(f"wrote {r['onnx']} ({r['bytes'] / 2**20:.1f} MiB, opset {r['opset']}, inputs {', '.join(r['inputs'])}) "
+          f"from {r['checkpoint']}; onnxruntime vs PyTorch: max |diff| {r['max_abs_diff']:.2g} "
+          f"(tolerance {r['tolerance']:g})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
 # demo, serve
 # ---------------------------------------------------------------------------------------------------------
 
@@ -376,6 +436,28 @@ def _add_serve(sub) -> None:
     p.add_argument("--api-key-env", default="STYLERAY_API_KEY", help="environment variable holding the API key")
     p.add_argument("--address", default=None, help="Ray cluster address (default: attach to a running one or start one)")
     p.add_argument("--route-prefix", default="/", help="URL prefix of the application")
+    g = p.add_argument_group("what reload may read (README: Security)")
+    g.add_argument("--reload-root", dest="reload_roots", action="append", default=argparse.SUPPRESS, metavar="PATH",
+                   help="a local folder reload may read under (repeatable; default: the served run's parent)")
+    g.add_argument("--reload-scheme", dest="reload_schemes", action="append", default=argparse.SUPPRESS, metavar="SCHEME",
+                   help="a URL scheme reload may read (repeatable; default: s3; http or ftp only if named)")
+    g.add_argument("--max-checkpoint-mb", type=float, default=argparse.SUPPRESS, help="largest state.pt a replica reads (default: 2048)")
+    g = p.add_argument_group("per-client limits (behind a reverse proxy: README, Security)")
+    g.add_argument("--max-header-kb", type=float, default=argparse.SUPPRESS, help="request headers over this get 431 (default: 16)")
+    g.add_argument("--body-timeout-s", type=float, default=argparse.SUPPRESS, help="a request body must arrive within this (default: 10)")
+    g.add_argument("--max-requests-per-client", type=int, default=argparse.SUPPRESS, help="429 beyond this many per address (default: 32)")
+    g.add_argument("--max-pending-bodies", type=int, default=argparse.SUPPRESS,
+                   help="503 beyond this many request bodies arriving at once, all clients together (default: 64)")
+    g.add_argument("--trusted-proxy", dest="trusted_proxies", action="append", default=argparse.SUPPRESS, metavar="ADDR",
+                   help="a reverse proxy (address or network) whose --client-ip-header names the client (repeatable)")
+    g.add_argument("--client-ip-header", default=argparse.SUPPRESS, help="the header trusted proxies set (default: X-Forwarded-For)")
+    g = p.add_argument_group("projections of uploaded images (POST /v1/projections)")
+    g.add_argument("--max-running-projections", type=int, default=argparse.SUPPRESS,
+                   help="projections running at once per replica; 429 with Retry-After beyond (default: 1)")
+    g.add_argument("--projections-kept", type=int, default=argparse.SUPPRESS,
+                   help="projections kept, the oldest finished evicted (default: 32)")
+    g.add_argument("--max-projection-steps", type=int, default=argparse.SUPPRESS,
+                   help="most optimisation steps one projection may ask for (default: 1000)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -436,7 +518,8 @@ def _cmd_tune(args) -> int:
 
     if args.resume:
         defaults = vars(build_parser().parse_args(["tune", "--out", args.out, "--resume"]))
-        ignored = [train_settings.flag_of(k) for k, v in vars(args).items() if defaults.get(k, not v) != v]
+        ignored = [train_settings.flag_of(k) for k, v in vars(args).items()
+                   if k != "verbose" and defaults.get(k, not v) != v]
         if ignored:
             log.warning("--resume continues the sweep with its saved settings (sweep.json); ignoring %s",
                         " ".join(ignored))
@@ -591,7 +674,7 @@ def _cmd_manager(args) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 COMMANDS: list[Callable] = [_add_prepare, _add_train, _add_tune, _add_generate, _add_project, _add_demo, _add_metrics,
-                            _add_serve, _add_queue, _add_manager]
+                            _add_serve, _add_queue, _add_manager, _add_import, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

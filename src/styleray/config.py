@@ -101,6 +101,7 @@ class TrainConfig:
     unstable_ticks: int = 3  # Roll back after this many consecutive collapsed ticks (NaN/Inf losses: at once).
     collapse_d_loss: float = 0.05  # A tick is collapsed when the D loss is below this while the G loss climbs.
     max_rollbacks: int = 3  # Roll back to the last stable checkpoint at most this many times; 0 = never.
+    freeze_d: int = 0  # FreezeD: the discriminator's first this many layers (from the image) are not trained.
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -125,6 +126,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_rollbacks < 0:
             raise ValueError(f"--max-rollbacks {self.max_rollbacks} must be >= 0 (0 = stop at the first instability)")
+        if self.freeze_d < 0:
+            raise ValueError(f"--freeze-d {self.freeze_d} must be >= 0 (0 = train every discriminator layer)")
         if not self.collapse_d_loss >= 0:
             raise ValueError(f"collapse_d_loss {self.collapse_d_loss} must be >= 0 (0 = only NaN/Inf counts)")
         if not 0.0 <= self.style_mixing <= 1.0:
@@ -155,6 +158,7 @@ class RunSpec:
     data: str | None = None  # Prepared dataset: folder, zip or s3:// URI.
     out: str | None = None  # Run folder (checkpoints, metrics, grids): local path or s3:// URI.
     device: str = "cpu"  # torch device for single-process training.
+    init_from: str | None = None  # A new run starts from these weights (a checkpoint URI or an NVIDIA .pkl).
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -173,6 +177,7 @@ class RunSpec:
             data=d.get("data"),
             out=d.get("out"),
             device=d.get("device", "cpu"),
+            init_from=d.get("init_from"),
         )
 
 

@@ -98,6 +98,11 @@ class TrainSettings:
     resume: str = setting(
         "latest", "'latest' (the run's newest good checkpoint, if any), 'none' (a new run), or a checkpoint "
         "or run path", portable=False)
+    init_from: str | None = setting(
+        None, "start a new run (kimg 0, fresh optimizers and ADA p) from the G, D and G_ema of a styleray run or "
+        "checkpoint, or of an NVIDIA stylegan2-ada-pytorch .pkl; the source's model configuration is used, and a "
+        "flag that contradicts it is an error. A resumed run continues from its own checkpoints",
+        metavar="RUN_OR_PKL")
     # -- the model and the schedule
     preset: str = setting("auto", "a named configuration from the presets table (README: Training on one "
                           "machine); the settings below override it", choices=tuple(PRESETS))
@@ -119,6 +124,9 @@ class TrainSettings:
     lr_d: float | None = setting(None, "learning rate of D (default: --lr)", check=positive, allowed="> 0")
     gamma: float | None = setting(None, "R1 regularisation weight (preset default)", check=at_least(0),
                                   allowed=">= 0")
+    freeze_d: int = setting(0, "FreezeD: do not train the discriminator's first N layers, counted from the image "
+                            "(fromrgb, then conv0, conv1, skip of each block; the reference's --freezed)",
+                            check=at_least(0), allowed=">= 0", metavar="N")
     # -- augmentation
     aug: str = setting("ada", "augmentation mode", choices=("ada", "fixed", "noaug"))
     augment_p: float | None = setting(None, "initial (ada) or constant (fixed) augment probability",
@@ -167,6 +175,11 @@ class TrainSettings:
             raise SettingsError(
                 f"no_ray (--no-ray) trains in this process: use --workers 1, or drop --no-ray for "
                 f"{self.workers} Ray workers"
+            )
+        if self.init_from is not None and self.resume not in ("latest", "none"):
+            raise SettingsError(
+                f"init_from (--init-from) starts a new run from a model, resume (--resume {self.resume}) continues a "
+                "run from its checkpoint: give one of them"
             )
 
     # -- building
@@ -241,7 +254,8 @@ class TrainSettings:
 
     def resolve(self, resolution: int, channels: int, num_classes: int, device: str = "cpu") -> RunSpec:
         """The run's model and training configuration, for a dataset of this resolution, channel count and
-        number of classes (the preset, then these settings over it)."""
+        number of classes (the preset, then these settings over it). With ``init_from`` the model is the
+        source's: ``platform.train.transfer.resolve_run`` reads it and checks these settings against it."""
         if self.cond and num_classes == 0:
             raise SettingsError(f"cond (--cond): {self.data} has no labels in dataset.json (prepare with "
                                 "--clusters K, or use its framing labels)")
@@ -256,7 +270,7 @@ class TrainSettings:
                 batch=self.batch, kimg=self.kimg, tick_kimg=self.tick, snap=self.snap, r1_gamma=self.gamma,
                 lr_g=self.lr_g or self.lr, lr_d=self.lr_d or self.lr, augment=self.aug, augment_p=self.augment_p,
                 ada_target=self.target, mirror=self.mirror or None, seed=self.seed, keep_checkpoints=self.keep,
-                max_rollbacks=self.max_rollbacks,
+                max_rollbacks=self.max_rollbacks, freeze_d=self.freeze_d,
             ),
         )
         return RunSpec(model=model, train=train, preset=self.preset, data=self.data, out=self.out, device=device)

@@ -31,6 +31,7 @@ from styleray.config import ModelConfig, TrainConfig
 from styleray.models import loss as L
 from styleray.models.augment import AdaController, AugmentPipe
 from styleray.models.networks import Discriminator, Generator, requires_grad
+from styleray.models.transfer import freeze_discriminator_layers
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class StyleGAN2Trainer:
         torch.manual_seed(train_cfg.seed)
         self.G = Generator(model_cfg).to(self.device, memory_format=self.memory_format).train()
         self.D = Discriminator(model_cfg).to(self.device, memory_format=self.memory_format).train()
+        freeze_discriminator_layers(self.D, train_cfg.freeze_d)  # FreezeD (--freeze-d): before the optimizer
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         # The networks as the main phases call them: compiled if asked. The regularisation phases take double
         # backward, which compiled graphs do not support, so they always call the eager modules.

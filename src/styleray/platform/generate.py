@@ -43,7 +43,8 @@ def write_samples(
     if out.lower().endswith(".gif"):
         if len(names) < 2:
             raise ValueError("a morph (.gif) needs at least two latents or seeds")
-        frames = sampling.morph_ws(G, ws, steps=steps, noise_mode=noise_mode)
+        sampling.check_frame_noise(noise_mode)
+        frames = sampling.synthesize(G, sampling.lerp_frames(ws, steps), None, noise_mode)
         pil = [sampling.to_pil(f) for f in frames]
         buf = io.BytesIO()
         pil[0].save(buf, format="GIF", save_all=True, append_images=pil[1:], duration=40, loop=0)

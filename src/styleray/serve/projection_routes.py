@@ -1,4 +1,4 @@
-"""The projection routes of the HTTP API (added to the app by ``create_api``).
+"""The projection routes of the HTTP API (``routes.ROUTES`` adds them), one function each, as in routes.py.
 
     POST /v1/projections                      the image file as the body -> 202 {"id", "status": "running", ...}
     GET  /v1/projections                      the kept projections, newest first
@@ -8,7 +8,9 @@
     GET  /v1/projections/{id}/latent.npz      w [1, num_ws, w_dim] (the key and shape of projected_w.npz)
 
 A finished projection is a latent reference, ``proj:ID``, wherever the API takes a seed (morph, mix, grid).
-The API key, the error bodies and the request-size guard are the other routes' (``api.py``).
+``backend.call("start_projection", req)`` runs on a sampler replica; ``backend.projections(method, *args)`` reads
+the ProjectionStore. The API key, the error bodies and the request limits are the other routes' (``api.py``;
+the body of an upload may be ``MAX_UPLOAD_BYTES``, ``limits.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from styleray.serve.projections import (
     MAX_UPLOAD_BYTES,
     PROJECTION_STEPS_DEFAULT,
     PROJECTION_STEPS_MAX,
+    UPLOAD_PATH,
     PayloadTooLarge,
     ProjectionRequest,
     UnsupportedMedia,
@@ -46,11 +49,8 @@ def _png(data: bytes, name: str) -> Response:
                                                           "Content-Disposition": f'inline; filename="{name}"'})
 
 
-def add_projection_routes(api: FastAPI, backend: Any) -> None:
-    """``backend.call("start_projection", req)`` runs on a generator replica; ``backend.projections(method,
-    *args)`` reads the ProjectionStore."""
-
-    @api.post("/v1/projections", status_code=202, summary="Start projecting an image (the body) into the latent space")
+def add_projection_start(api: FastAPI, backend: Any, key: Any) -> None:
+    @api.post(UPLOAD_PATH, status_code=202, summary="Start projecting an image (the body) into the latent space")
     async def start_projection(
         request: Request,
         steps: int = Query(PROJECTION_STEPS_DEFAULT, ge=1, le=PROJECTION_STEPS_MAX, description="optimisation steps"),
@@ -72,29 +72,41 @@ def add_projection_routes(api: FastAPI, backend: Any) -> None:
         record["links"] = _links(record["id"])
         return JSONResponse(record, status_code=202, headers={"Location": record["links"]["self"]})
 
-    @api.get("/v1/projections", summary="The kept projections, newest first")
+
+def add_projection_list(api: FastAPI, backend: Any, key: Any) -> None:
+    @api.get(UPLOAD_PATH, summary="The kept projections, newest first")
     async def list_projections():
         return {"projections": await backend.projections("list")}
 
-    @api.get("/v1/projections/{pid}", summary="A projection's status and progress; once done its PSNR and latent")
+
+def add_projection_get(api: FastAPI, backend: Any, key: Any) -> None:
+    @api.get(UPLOAD_PATH + "/{pid}", summary="A projection's status and progress; once done its PSNR and latent")
     async def get_projection(pid: str):
         record = await backend.projections("get", parse_projection_id(pid))
         return {**record, "links": _links(pid)}
 
-    @api.get("/v1/projections/{pid}/target.png", response_class=Response, summary="The target as the model sees it")
+
+def add_projection_images(api: FastAPI, backend: Any, key: Any) -> None:
+    @api.get(UPLOAD_PATH + "/{pid}/target.png", response_class=Response, summary="The target as the model sees it")
     async def projection_target(pid: str):
         return _png(await backend.projections("image", parse_projection_id(pid), "target"), f"target-{pid}.png")
 
-    @api.get("/v1/projections/{pid}/reconstruction.png", response_class=Response,
+    @api.get(UPLOAD_PATH + "/{pid}/reconstruction.png", response_class=Response,
              summary="The reconstruction (the latest preview while the projection runs)")
     async def projection_reconstruction(pid: str):
         data = await backend.projections("image", parse_projection_id(pid), "reconstruction")
         return _png(data, f"reconstruction-{pid}.png")
 
-    @api.get("/v1/projections/{pid}/latent.npz", response_class=Response, summary="The latent: w [1, num_ws, w_dim]")
+
+def add_projection_latent(api: FastAPI, backend: Any, key: Any) -> None:
+    @api.get(UPLOAD_PATH + "/{pid}/latent.npz", response_class=Response, summary="The latent: w [1, num_ws, w_dim]")
     async def projection_latent(pid: str):
         ws, params = await backend.projections("latent", parse_projection_id(pid))
         buf = io.BytesIO()
         np.savez(buf, w=np.asarray(ws, np.float32)[None], meta=np.array(json.dumps(params, sort_keys=True)))
         return Response(buf.getvalue(), media_type="application/octet-stream",
                         headers={"Content-Disposition": f'attachment; filename="projected_w-{pid}.npz"'})
+
+
+PROJECTION_ROUTES = (add_projection_start, add_projection_list, add_projection_get, add_projection_images,
+                     add_projection_latent)

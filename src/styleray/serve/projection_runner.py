@@ -72,8 +72,8 @@ class ProjectionRunner:
             target = await asyncio.to_thread(_frame, model.G, req)
             params = {"steps": req.steps, "space": req.space, "seed": req.seed, "framing": target.framing,
                       "source": {"width": target.width, "height": target.height, "mode": target.mode},
-                      "checkpoint": model.name, "checkpoint_uri": model.uri, "resolution": model.G.img_resolution,
-                      "num_ws": model.G.num_ws, "w_dim": model.G.w_dim}
+                      "checkpoint": model.name, "checkpoint_uri": model.public_uri,
+                      "resolution": model.G.img_resolution, "num_ws": model.G.num_ws, "w_dim": model.G.w_dim}
             png = await asyncio.to_thread(encode.encode_image, target.image, "png")
             record = await self._store.create.remote(pid, params, png)
         except BaseException:

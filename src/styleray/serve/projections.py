@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from styleray.serve.schemas import ID_PATTERN, InvalidRequest
 
 # -- bounds -------------------------------------------------------------------------------------------------
+UPLOAD_PATH = "/v1/projections"  # POST: the image file as the body
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # POST /v1/projections: the image file, at most this many bytes (413)
 MAX_UPLOAD_PIXELS = 16_000_000  # ... and at most this many pixels, read from its header before decoding (413)
 PROJECTION_STEPS_DEFAULT = 300
@@ -57,7 +58,7 @@ def projection_limits(max_steps: int, running: int, kept: int) -> dict:
 
 
 def parse_projection_id(text: str) -> str:
-    if not ID_PATTERN.match(text):
+    if not ID_PATTERN.fullmatch(text):
         raise NotFound(f"no projection {text[:40]!r}: projection ids are 12 hexadecimal characters")
     return text
 

@@ -99,6 +99,7 @@ def _kimg_or_zero(settings: dict[str, Any]) -> float:
 def resolve_config(settings: TrainSettings) -> dict[str, Any]:
     """The RunSpec `styleray train` would build from these settings (reads the dataset's header)."""
     from styleray.datasets.read.ray_data import inspect_dataset
+    from styleray.platform.train.transfer import resolve_run
 
     if not storage.is_remote(settings.data) and not os.path.exists(settings.data):
         raise ValueError(f"--data {settings.data} does not exist (prepare it with `styleray prepare`, or fix the path)")
@@ -106,7 +107,7 @@ def resolve_config(settings: TrainSettings) -> dict[str, Any]:
     if info.num_images < (settings.batch or 0):
         raise ValueError(f"--data {settings.data} holds {info.num_images} images, fewer than one batch "
                          f"(--batch {settings.batch})")
-    return settings.resolve(info.resolution, info.channels, info.num_classes).to_dict()
+    return resolve_run(settings, info.resolution, info.channels, info.num_classes).to_dict()
 
 
 def train_argv(settings: dict[str, Any], *, resume: str | None = None) -> list[str]:

@@ -39,6 +39,7 @@ from styleray.models.training import StyleGAN2Trainer
 from styleray.platform import checkpoint as ckpt_lib
 from styleray import storage
 from styleray.platform.train.stability import StabilityMonitor, TrainingDiverged
+from styleray.platform.train.transfer import start_from_source
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,15 @@ def _check_model_matches(ck: ckpt_lib.Checkpoint, trainer: StyleGAN2Trainer) -> 
         )
 
 
+def _check_frozen_layers_match(ck: ckpt_lib.Checkpoint, trainer: StyleGAN2Trainer) -> None:
+    saved = int(((ck.config or {}).get("train") or {}).get("freeze_d", 0))
+    if saved != trainer.cfg.freeze_d:
+        raise ValueError(
+            f"--freeze-d {trainer.cfg.freeze_d}, but {ck.uri} was trained with --freeze-d {saved} (its optimizer "
+            f"holds the other layers): resume with --freeze-d {saved}, or start a new run from it with --init-from"
+        )
+
+
 def restore(
     trainer: StyleGAN2Trainer, sampler, run_dir: str, resume: "str | ckpt_lib.Checkpoint | None"
 ) -> ckpt_lib.Checkpoint | None:
@@ -181,6 +191,7 @@ def restore(
     else:
         ck = ckpt_lib.resolve(resume)
     _check_model_matches(ck, trainer)
+    _check_frozen_layers_match(ck, trainer)
     trainer.load_state_dict(ck.state)
     if sampler is not None and ck.state.get("sampler") is not None and hasattr(sampler, "load_state_dict"):
         try:
@@ -213,8 +224,11 @@ class TrainingRun:
     # ------------------------------------------------------------------ restore
 
     def restore(self, resume) -> None:
+        """Continue from ``resume`` (see ``restore``); a run that starts now takes --init-from's weights."""
         ck = restore(self.trainer, self.batches, self.run_dir, resume)
         if ck is None:
+            if self.run.init_from is not None:
+                start_from_source(self.trainer, self.run.init_from)
             return
         self.tick = int(ck.meta.get("tick", 0))
         self.rollbacks = int(ck.meta.get("rollbacks", 0))
@@ -338,6 +352,8 @@ class TrainingRun:
             self.tick, self.last_good, self.last_ckpt = int(ck.meta.get("tick", 0)), ck.name, ck.uri
         else:
             self.trainer = StyleGAN2Trainer(self.run.model, self.cfg, self.device)
+            if self.run.init_from is not None:  # the run's start was the source's weights
+                start_from_source(self.trainer, self.run.init_from)
             self.tick, self.last_good, self.last_ckpt = 0, None, None
         self.trainer.seed_everything(self.cfg.seed * 1000 + self.rank + 7919 * self.rollbacks)
         self.monitor.reset()

@@ -1,8 +1,9 @@
 """``train(settings)``: what ``styleray train`` does, callable from a notebook or a test.
 
     TrainSettings -> metrics options (a missing Inception file fails before anything is read)
-                  -> the dataset's header -> the resolved run (RunSpec) -> ray_train.fit  (Ray Train)
-                                                                        or local.fit_local (no_ray)
+                  -> the dataset's header -> the resolved run (RunSpec; --init-from: the source's model,
+                     transfer.resolve_run) -> ray_train.fit  (Ray Train)
+                                           or local.fit_local (no_ray)
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ def _train_here(settings: TrainSettings, metrics) -> dict[str, Any]:
 
     from styleray.datasets.read.folder import load_image_folder
     from styleray.platform.train.local import fit_local
+    from styleray.platform.train.transfer import resolve_run
 
     data = load_image_folder(settings.data, resolution=settings.resolution)
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    run = settings.resolve(data.resolution, data.channels, data.num_classes, device)
+    run = resolve_run(settings, data.resolution, data.channels, data.num_classes, device)
     if not settings.cond:
         data.labels, data.num_classes = None, 0
     plan = None
@@ -58,9 +60,10 @@ def _train_here(settings: TrainSettings, metrics) -> dict[str, Any]:
 def _train_on_ray(settings: TrainSettings, metrics) -> dict[str, Any]:
     from styleray.datasets.read.ray_data import inspect_dataset
     from styleray.platform.train import ray_train
+    from styleray.platform.train.transfer import resolve_run
 
     data = inspect_dataset(storage.absolute(settings.data), storage.pyarrow_filesystem(settings.data)[0])
-    run = settings.resolve(data.resolution, data.channels, data.num_classes)
+    run = resolve_run(settings, data.resolution, data.channels, data.num_classes)
     plan = None
     if metrics is not None:
         from styleray.platform.train.metrics import prepare

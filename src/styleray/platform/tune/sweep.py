@@ -165,7 +165,10 @@ def trial_settings(sweep: SweepConfig, hp: dict[str, Any], out: str) -> TrainSet
 
 
 def trial_run_config(sweep: SweepConfig, hp: dict[str, Any], out: str, data_info) -> RunSpec:
-    return trial_settings(sweep, hp, out).resolve(data_info.resolution, data_info.channels, data_info.num_classes)
+    from styleray.platform.train.transfer import resolve_run
+
+    settings = trial_settings(sweep, hp, out)
+    return resolve_run(settings, data_info.resolution, data_info.channels, data_info.num_classes)
 
 
 # ---------------------------------------------------------------------------------------------------------
