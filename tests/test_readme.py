@@ -164,7 +164,8 @@ def test_make_demo_runs_styleray_demo():
 
 
 class _Backend:
-    """Answers every generator call with a 1x1 PNG (the routes and their validation are what is tested)."""
+    """Answers every generator call with a 1x1 PNG (the routes and their validation are what is tested), and
+    projection calls with a record, a PNG or a latent."""
 
     async def call(self, method, request=None):
         from styleray.serve import encode
@@ -174,14 +175,26 @@ class _Backend:
             return {"resolution": 1}
         if method == "ping":
             return "ckpt-x"
+        if method == "start_projection":
+            return {"id": "3f2a9c4e1b7d", "status": "running"}
         return Encoded(encode.encode_image(np.zeros([1, 1, 3], np.uint8), "png"), "image/png", "ckpt-x", {})
 
     async def reload(self, checkpoint, wait_s):
         return 200, {"checkpoint": checkpoint}
 
+    async def projections(self, method, *args):
+        from styleray.serve import encode
 
-def curl_request(argv: list[str]) -> tuple[str, str, dict | None, dict[str, str]]:
-    """(method, path?query, JSON body, headers) of a curl command line."""
+        if method == "image":
+            return encode.encode_image(np.zeros([1, 1, 3], np.uint8), "png")
+        if method == "latent":
+            return np.zeros([2, 2], np.float32), {}
+        return [] if method == "list" else {"id": args[0], "status": "done"}
+
+
+def curl_request(argv: list[str]) -> tuple[str, str, dict | bytes | None, dict[str, str]]:
+    """(method, path?query, JSON body or bytes, headers) of a curl command line; ``--data-binary @FILE``
+    sends a small PNG in FILE's place."""
     method, body, headers, url = "GET", None, {}, None
     i = 1
     while i < len(argv):
@@ -190,6 +203,12 @@ def curl_request(argv: list[str]) -> tuple[str, str, dict | None, dict[str, str]
             method, i = argv[i + 1], i + 2
         elif a in ("-d", "--data", "--data-raw"):
             body, i = json.loads(argv[i + 1]), i + 2
+            method = "POST" if method == "GET" else method
+        elif a == "--data-binary":
+            from styleray.serve import encode
+
+            assert argv[i + 1].startswith("@"), "--data-binary examples send a file: @FILE"
+            body, i = encode.encode_image(np.full([16, 16, 3], 200, np.uint8), "png"), i + 2
             method = "POST" if method == "GET" else method
         elif a in ("-H", "--header"):
             k, v = argv[i + 1].split(":", 1)
@@ -217,7 +236,9 @@ def test_curl_examples_are_valid_requests(line):
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            if isinstance(body, bytes):
+                return await c.request(method, path, content=body, headers=headers)
             return await c.request(method, path, json=body, headers=headers)
 
     r = asyncio.run(go())
-    assert r.status_code == 200, f"{line}: {r.status_code} {r.text[:300]}"
+    assert r.status_code in (200, 202), f"{line}: {r.status_code} {r.text[:300]}"

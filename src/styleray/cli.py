@@ -24,6 +24,7 @@ typical flow:
   styleray prepare raw/ data/ --resolution 256        # Ray Data: clean, square, white-background PNGs
   styleray train --data data/ --out runs/r1 --kimg 5000  # train (Ray Train with --workers N)
   styleray generate --checkpoint runs/r1 --seeds 0-15 --out grid.png
+  styleray project --checkpoint runs/r1 --target hero.png --out proj/  # a real image's latent (W, W+, PTI)
   styleray serve --checkpoint runs/r1                   # Ray Serve HTTP API + latent explorer page
   styleray demo                                         # all of the above on the built-in sample data
 """
@@ -179,7 +180,9 @@ def _add_generate(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
-    p.add_argument("--seeds", type=_parse_seeds, default=_parse_seeds("0-15"), help="seeds, e.g. 0-15,42")
+    p.add_argument("--seeds", type=_parse_seeds, default=None, help="seeds, e.g. 0-15,42 (default: 0-15 without --latents)")
+    p.add_argument("--latents", default=None, metavar="NPZ[,NPZ...]",
+                   help="projected images (projected_w.npz of styleray project), before the seeds")
     p.add_argument("--out", required=True, help="a .png (grid), a .gif (morph through the seeds) or a folder (one PNG per seed)")
     p.add_argument("--truncation", type=float, default=1.0, help="truncation psi (1 = none, 0.7 = safer samples)")
     p.add_argument("--class", dest="class_idx", type=int, default=None, help="class index for a conditional model")
@@ -192,8 +195,10 @@ def _add_generate(sub) -> None:
 def _cmd_generate(args) -> int:
     from styleray.platform.generate import write_samples
 
-    ckpt = write_samples(args.checkpoint, args.seeds, args.out, truncation=args.truncation, class_idx=args.class_idx,
-                         noise_mode=args.noise, cols=args.cols, steps=args.steps)
+    latents = [p for p in args.latents.split(",") if p] if args.latents else []
+    seeds = args.seeds if args.seeds is not None else ([] if latents else _parse_seeds("0-15"))
+    ckpt = write_samples(args.checkpoint, seeds, args.out, truncation=args.truncation, class_idx=args.class_idx,
+                         noise_mode=args.noise, cols=args.cols, steps=args.steps, latents=latents)
     print(f"wrote {args.out} from {ckpt.uri} ({ckpt.kimg:.1f} kimg)")
     return 0
 
@@ -240,6 +245,75 @@ def _cmd_metrics(args) -> int:
             f.write(text + "\n")
     print(text)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# project: real images into the latent space (styleray.platform.projection)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _add_project(sub) -> None:
+    from styleray.platform.projection.options import ProjectOptions as O  # light: no torch, no Ray
+
+    p = sub.add_parser(
+        "project",
+        help="find the latents of real images (W or W+, optional pivotal tuning); a folder runs as a Ray job",
+        description="Project a target image into a checkpoint's latent space: the target is framed like prepare "
+        "frames training images (square, on white, at the model's resolution), then w is optimised from the mean "
+        "w (the reference projector's method: noise maps with their regulariser, learning-rate and noise ramps), "
+        "one w for every layer (--space w) or one per layer (w+). --pti-steps N then fine-tunes a copy of the "
+        "generator around that w (pivotal tuning) and writes it as a run folder (OUT/pti) that generate and serve "
+        "load. Writes projected_w.npz, target.png, reconstruction.png, side_by_side.png, progress.gif, curve.png "
+        "and summary.json. A folder, .zip or s3:// prefix of targets runs as a Ray job (Ray Data, one projection "
+        "per actor, OUT/<target>/ each; finished targets are skipped on a re-run) with summary.md/csv.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--target", required=True, metavar="IMAGE|FOLDER|S3",
+                   help="an image file, a folder (recursive), a .zip, or s3://bucket/prefix (or one s3 object)")
+    p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    p.add_argument("--steps", type=int, default=O.steps, help="optimisation steps")
+    p.add_argument("--space", choices=["w", "w+"], default=O.space, help="w: one w for every layer; w+: one per layer")
+    p.add_argument("--seed", type=int, default=O.seed, help="seed of the exploration noise and the noise maps")
+    p.add_argument("--distance", choices=["auto", "vgg16", "pixel-msssim"], default=O.distance,
+                   help="auto: vgg16 when its weights file is found, else pixel-msssim (pixel MSE + 1 - MS-SSIM)")
+    p.add_argument("--vgg16", default=None, metavar="PATH",
+                   help="torchvision's vgg16-397923af.pth (default: $STYLERAY_VGG16, then ~/.cache/styleray/)")
+    p.add_argument("--pti-steps", type=int, default=O.pti_steps, help="pivotal tuning steps after the search (0: none)")
+    p.add_argument("--frame", choices=["auto", "prepare", "resize"], default=O.frame,
+                   help="prepare: frame like prepare; resize: pad on white and resize; auto: resize when the "
+                        "image is square on white already")
+    p.add_argument("--class", dest="class_idx", type=int, default=None,
+                   help="a conditional model's class for the starting w (default: all classes)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="folder targets: projection actors (default: the cluster's CPUs)")
+    p.add_argument("--gpus", action="store_true", help="folder targets: one GPU per actor")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_project)
+
+
+def _cmd_project(args) -> int:
+    from styleray.platform.projection.options import ProjectOptions
+    from styleray.platform.projection.run import run_project
+
+    result = run_project(ProjectOptions(
+        checkpoint=args.checkpoint, target=args.target, out=args.out, steps=args.steps, space=args.space,
+        seed=args.seed, distance=args.distance, vgg16=args.vgg16, pti_steps=args.pti_steps, frame=args.frame,
+        class_idx=args.class_idx, device=args.device, workers=args.workers, gpus=args.gpus,
+        progress=not args.no_progress,
+    ))
+    if "single" in result:
+        s = result["single"]
+        pti = f", after pivotal tuning {s['pti_psnr']:.2f} dB (run {s['pti_run']})" if s.get("pti_steps") else ""
+        print(f"PSNR {s['psnr']:.2f} dB, {s['distance']} distance {s['distance_value']:.4f}{pti}; "
+              f"{s['seconds']:.1f} s; wrote {args.out}")
+        return 0
+    f = result["folder"]
+    print(f["table"], end="")
+    print(f"{f['counts']['projected']} projected, {f['counts']['done before']} done before, "
+          f"{f['counts']['failed']} failed in {f['seconds']:.1f} s; summary in {args.out}/summary.md")
+    return 1 if f["counts"]["failed"] else 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -377,6 +451,13 @@ def _add_serve(sub) -> None:
     g.add_argument("--trusted-proxy", dest="trusted_proxies", action="append", default=argparse.SUPPRESS, metavar="ADDR",
                    help="a reverse proxy (address or network) whose --client-ip-header names the client (repeatable)")
     g.add_argument("--client-ip-header", default=argparse.SUPPRESS, help="the header trusted proxies set (default: X-Forwarded-For)")
+    g = p.add_argument_group("projections of uploaded images (POST /v1/projections)")
+    g.add_argument("--max-running-projections", type=int, default=argparse.SUPPRESS,
+                   help="projections running at once per replica; 429 with Retry-After beyond (default: 1)")
+    g.add_argument("--projections-kept", type=int, default=argparse.SUPPRESS,
+                   help="projections kept, the oldest finished evicted (default: 32)")
+    g.add_argument("--max-projection-steps", type=int, default=argparse.SUPPRESS,
+                   help="most optimisation steps one projection may ask for (default: 1000)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -592,8 +673,8 @@ def _cmd_manager(args) -> int:
 
 # ---------------------------------------------------------------------------------------------------------
 
-COMMANDS: list[Callable] = [_add_prepare, _add_train, _add_tune, _add_generate, _add_demo, _add_metrics, _add_serve,
-                            _add_queue, _add_manager, _add_import, _add_export]
+COMMANDS: list[Callable] = [_add_prepare, _add_train, _add_tune, _add_generate, _add_project, _add_demo, _add_metrics,
+                            _add_serve, _add_queue, _add_manager, _add_import, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -74,6 +74,13 @@ def test_flags_for_the_new_serve_args_map_onto_them(tmp_path):
     assert args.reload_roots == ("/a", "/b") and args.reload_schemes == ("gs",) and args.max_header_kb == 8
     assert args.trusted_proxies == ("10.0.0.0/8",) and args.client_ip_header == "X-Real-IP"
     assert args.body_timeout_s == 10 and args.max_checkpoint_mb == 2048  # flags not given: the defaults
+    parsed = cli.build_parser().parse_args(["serve", "--checkpoint", "runs/r1", "--max-running-projections", "2",
+                                            "--projections-kept", "5", "--max-projection-steps", "300"])
+    args = serve_args_from_flags(parsed)
+    assert (args.max_running_projections, args.projections_kept, args.max_projection_steps) == (2, 5, 300)
+    with pytest.raises(ValueError, match="^--max-projection-steps"):
+        serve_args_from_flags(cli.build_parser().parse_args(
+            ["serve", "--checkpoint", "runs/r1", "--max-projection-steps", "99999"]))
 
 
 @pytest.mark.slow

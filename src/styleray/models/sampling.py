@@ -193,12 +193,22 @@ def morph_ws(
     schedule = morph_schedule(len(seeds), steps, loop)
     device = next(G.parameters()).device
     if space == "w":
-        ws = seeds_to_ws(G, seeds, truncation_psi, class_idx=class_idx)  # [S, num_ws, w_dim]
-        return torch.stack([ws[i].lerp(ws[j], t) if t not in (0.0, 1.0) else ws[i if t == 0 else j] for i, j, t in schedule])
+        return lerp_frames(seeds_to_ws(G, seeds, truncation_psi, class_idx=class_idx), steps, loop)
     z = seeds_to_z(seeds, G.z_dim, device)
     zs = torch.stack([slerp(z[i], z[j], t) for i, j, t in schedule])
     c = class_labels(G, class_idx, len(schedule), device)
     return _mapping(G, zs, c, truncation_psi)
+
+
+def lerp_frames(
+    ws: torch.Tensor,  # [S, num_ws, w_dim]: any latents (seeds' ws, projected images' latents), S >= 2
+    steps: int = 30,
+    loop: bool = False,
+) -> torch.Tensor:
+    """The w of every frame of a morph linear in W through the given latents: [F, num_ws, w_dim], the
+    endpoints exactly the latents."""
+    schedule = morph_schedule(ws.shape[0], steps, loop)
+    return torch.stack([ws[i].lerp(ws[j], t) if t not in (0.0, 1.0) else ws[i if t == 0 else j] for i, j, t in schedule])
 
 
 @torch.no_grad()
@@ -241,15 +251,29 @@ def style_mix_ws(
     class_idx: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ws of the row seeds then the column seeds [R + C, num_ws, w_dim], mixed ws [R * C, num_ws, w_dim])."""
-    layers = list(range(min(6, G.num_ws))) if layers is None else [int(i) for i in layers]
-    bad = [i for i in layers if not 0 <= i < G.num_ws]
-    if bad:
-        raise ValueError(f"layers {bad} out of range [0, {G.num_ws - 1}]")
+    _check_layers(G.num_ws, layers)  # before the mapping runs
     ws = seeds_to_ws(G, list(row_seeds) + list(col_seeds), truncation_psi, class_idx=class_idx)
-    row_ws, col_ws = ws[: len(row_seeds)], ws[len(row_seeds) :]
-    mixed = row_ws[:, None].repeat(1, len(col_seeds), 1, 1)  # [R, C, num_ws, w_dim]
+    return ws, mix_latents(ws[: len(row_seeds)], ws[len(row_seeds) :], layers)
+
+
+def _check_layers(num_ws: int, layers: Sequence[int] | None) -> None:
+    bad = [int(i) for i in layers or () if not 0 <= int(i) < num_ws]
+    if bad:
+        raise ValueError(f"layers {bad} out of range [0, {num_ws - 1}]")
+
+
+def mix_latents(
+    row_ws: torch.Tensor,  # [R, num_ws, w_dim]: any latents (seeds' ws, projected images' latents)
+    col_ws: torch.Tensor,  # [C, num_ws, w_dim]
+    layers: Sequence[int] | None = None,  # from the column latents; None: the coarse layers 0-5
+) -> torch.Tensor:
+    """The mixed ws of a style-mixing grid, row-major: [R * C, num_ws, w_dim]."""
+    num_ws = row_ws.shape[1]
+    layers = list(range(min(6, num_ws))) if layers is None else [int(i) for i in layers]
+    _check_layers(num_ws, layers)
+    mixed = row_ws[:, None].repeat(1, col_ws.shape[0], 1, 1)  # [R, C, num_ws, w_dim]
     mixed[:, :, layers] = col_ws[None][:, :, layers]
-    return ws, mixed.flatten(0, 1)
+    return mixed.flatten(0, 1)
 
 
 def style_mix_grid(singles: np.ndarray, cells: np.ndarray, rows: int, cols: int) -> np.ndarray:

@@ -33,6 +33,8 @@ class Backend(Protocol):
 
     async def reload(self, checkpoint: str | None, wait_s: float) -> tuple[int, dict]: ...
 
+    async def projections(self, method: str, *args: Any) -> Any: ...  # the ProjectionStore (serve/projections.py)
+
 
 def create_api(
     backend: Backend, api_key: str | None, *, key_env: str = DEFAULT_API_KEY_ENV, limits: HttpLimits | None = None
@@ -41,7 +43,8 @@ def create_api(
     api = FastAPI(
         title="styleray",
         version="1",
-        description="StyleGAN2-ADA samples, morphs and style mixing from a trained checkpoint. "
+        description="StyleGAN2-ADA samples, morphs and style mixing from a trained checkpoint, and projections of "
+        "real images into its latent space (proj:ID stands for a projected image wherever a seed can). "
         f"Bounds: seeds in [0, {MAX_SEED}], at most {MAX_SEEDS} seeds per request, {MAX_FRAMES} frames per "
         f"morph, {MAX_MIX_SIDE}x{MAX_MIX_SIDE} style-mixing grids, truncation in {list(TRUNCATION_RANGE)}.",
         docs_url=None,  # routes.add_docs serves an offline page instead of Swagger UI from a CDN

@@ -1,4 +1,5 @@
-"""The Serve application: HTTP ingress -> Sampler replicas, plus the checkpoint registry for reloads.
+"""The Serve application: HTTP ingress -> Sampler replicas, plus the checkpoint registry for reloads and the
+projection store (projections of uploaded images, whichever replica runs them).
 
     serve.yaml:  import_path: styleray.serve.app:build_app   args: {checkpoint: s3://bucket/runs/r1, ...}
     CLI:         styleray serve --checkpoint runs/r1 [--host 127.0.0.1] [--port 8000] [--replicas N]
@@ -21,6 +22,7 @@ from ray.serve import Application
 from styleray.serve.api import create_api
 from styleray.serve.args import ServeArgs
 from styleray.serve.errors import Unavailable
+from styleray.serve.projection_store import ProjectionStore
 from styleray.serve.registry import CheckpointRegistry
 from styleray.serve.reload import reload_checkpoint
 from styleray.serve.sampler import SamplerDeployment
@@ -34,14 +36,16 @@ HEALTH_TIMEOUT_S = 10.0
 
 @contextlib.contextmanager
 def replica_errors():
-    """A request the model rejects -> a plain InvalidRequest (422); no replica to take it -> Unavailable (503)."""
+    """A request the model rejects -> its InvalidRequest (422, or the status its class carries: 404, 409, 429,
+    ...); no replica to take it -> Unavailable (503)."""
     from ray.exceptions import GetTimeoutError, RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
     try:
         yield
     except InvalidRequest as e:  # Ray's RayTaskError(InvalidRequest) subclasses it; .cause is the original
-        raise InvalidRequest(str(getattr(e, "cause", None) or e)) from None
+        cause = getattr(e, "cause", None)
+        raise (cause if isinstance(cause, InvalidRequest) else InvalidRequest(str(cause or e))) from None
     except (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError,
             GetTimeoutError, asyncio.TimeoutError) as e:
         raise Unavailable(f"no sampler replica could take the request ({type(e).__name__}); retry shortly") from None
@@ -52,9 +56,10 @@ def replica_errors():
 class Ingress:
     """Routes HTTP to the Sampler; owns the API key, the HTTP limits and the reload protocol. Holds no model."""
 
-    def __init__(self, sampler, registry, args: ServeArgs):
+    def __init__(self, sampler, registry, args: ServeArgs, projections=None):
         self._sampler = sampler  # DeploymentHandle
         self._registry = registry  # DeploymentHandle
+        self._projections = projections  # DeploymentHandle of ProjectionStore
         self._args = args
         key = args.api_key.get_secret_value() if args.api_key is not None else os.environ.get(args.api_key_env)
         self._api_key = key or None
@@ -68,6 +73,13 @@ class Ingress:
         handle = getattr(self._sampler, method)
         with replica_errors():
             return await (handle.remote(request) if request is not None else handle.remote())
+
+    async def projections(self, method: str, *args: Any) -> Any:
+        """Call a ProjectionStore method (status, images, latents of projections)."""
+        if self._projections is None:
+            raise InvalidRequest("this application has no projection store")
+        with replica_errors():
+            return await getattr(self._projections, method).remote(*args)
 
     async def health(self) -> tuple[int, dict]:
         """200 ok / 200 degraded (some replica serves a fallback) / 503 no replica answered."""
@@ -108,8 +120,10 @@ def build_app(args: ServeArgs) -> Application:
         options["autoscaling_config"] = args.autoscaling
     else:
         options["num_replicas"] = args.replicas
-    sampler = SamplerDeployment.options(**options).bind(args, registry)
-    return Ingress.options(ray_actor_options={"num_cpus": args.ingress_cpus}).bind(sampler, registry, args)
+    projections = ProjectionStore.bind(kept=args.projections_kept)
+    sampler = SamplerDeployment.options(**options).bind(args, registry, projections)
+    ingress = Ingress.options(ray_actor_options={"num_cpus": args.ingress_cpus})
+    return ingress.bind(sampler, registry, args, projections)
 
 
 def is_loopback(host: str) -> bool:

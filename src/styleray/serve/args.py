@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from styleray.serve.projections import PROJECTION_STEPS_MAX
+
 if TYPE_CHECKING:
     from styleray.serve.limits import HttpLimits
     from styleray.serve.sources import SourcePolicy
@@ -69,6 +71,14 @@ class ServeArgs(BaseModel):
         (), description="addresses/networks of reverse proxies whose client_ip_header names the client"
     )
     client_ip_header: str = Field("X-Forwarded-For", description="the header trusted proxies put the client in")
+    # projections of uploaded images (POST /v1/projections)
+    max_running_projections: int = Field(
+        1, ge=1, le=16, description="projections running at once per sampler replica (429 with Retry-After beyond)"
+    )
+    projections_kept: int = Field(32, ge=1, le=10_000, description="projections kept (the oldest finished evicted)")
+    max_projection_steps: int = Field(
+        1000, ge=1, le=PROJECTION_STEPS_MAX, description="most optimisation steps one projection may ask for"
+    )
 
     @field_validator("reload_schemes")
     @classmethod

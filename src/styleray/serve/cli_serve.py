@@ -13,6 +13,7 @@ log = logging.getLogger("styleray")
 OPTIONAL_FIELDS = (
     "reload_roots", "reload_schemes", "max_checkpoint_mb", "max_header_kb", "body_timeout_s",
     "max_requests_per_client", "max_pending_bodies", "trusted_proxies", "client_ip_header",
+    "max_running_projections", "projections_kept", "max_projection_steps",
 )
 
 

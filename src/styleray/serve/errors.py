@@ -2,7 +2,8 @@
 
 - 422 for requests the API or the model refuses (``RequestValidationError``, ``InvalidRequest``), with the
   offending input echoed as JSON-safe text (a NaN or an infinity from a JSON body is echoed as "nan"/"inf";
-  it used to make the error handler itself fail with a 500);
+  it used to make the error handler itself fail with a 500); an ``InvalidRequest`` subclass may carry its
+  own ``status`` (404, 409, 413, 415, 429 with ``retry_after``: ``serve/projections.py``);
 - 503 when no sampler replica can take the request right now (``Unavailable``), with ``Retry-After``;
 - 4xx of Starlette (404, 405, ...) with their reason;
 - 500 for anything else, without detail (the traceback goes to the server log only).
@@ -47,7 +48,10 @@ async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
 
 
 async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:
-    return error(422, str(exc))
+    response = error(getattr(exc, "status", 422), str(exc))
+    if getattr(exc, "retry_after", None) is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 async def _unavailable(_: Request, exc: Unavailable) -> JSONResponse:

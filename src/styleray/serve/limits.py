@@ -10,7 +10,8 @@ took all 512 slots. Here:
   ``max_requests_per_client`` requests in flight gets 429 for the next one. The address is the TCP peer,
   or, when the peer is one of ``trusted_proxies``, the last untrusted address in ``client_ip_header``.
 - ``BodyReader``: a body must arrive completely within ``body_timeout_s`` of the request (408), be at most
-  ``max_body_bytes`` (413) and have a Content-Length (411); at most ``max_pending_bodies`` requests, all
+  ``max_body_bytes`` (413; ``max_upload_bytes`` for an image uploaded to ``/v1/projections``) and have a
+  Content-Length (411); at most ``max_pending_bodies`` requests, all
   clients together, may be sending one at a time (503 beyond). Slow bodies can then hold at most that many
   ingress slots, for at most that long, and requests without a body always find a free one.
 
@@ -31,6 +32,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from styleray.serve.projections import MAX_UPLOAD_BYTES, UPLOAD_PATH
 from styleray.serve.schemas import MAX_BODY_BYTES
 
 
@@ -41,6 +43,7 @@ class HttpLimits:
     max_requests_per_client: int = 32
     max_pending_bodies: int = 64
     max_body_bytes: int = MAX_BODY_BYTES
+    max_upload_bytes: int = MAX_UPLOAD_BYTES  # the body of POST /v1/projections: an image file
     trusted_proxies: tuple[str, ...] = ()
     client_ip_header: str = "X-Forwarded-For"
     _networks: tuple = field(default=(), init=False, repr=False, compare=False)
@@ -48,6 +51,10 @@ class HttpLimits:
     def __post_init__(self):
         nets = tuple(ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies)
         object.__setattr__(self, "_networks", nets)
+
+    def body_limit(self, scope: Scope) -> int:
+        """The largest body this request may send."""
+        return self.max_upload_bytes if scope.get("path", "").endswith(UPLOAD_PATH) else self.max_body_bytes
 
     def trusted(self, address: str) -> bool:
         try:
@@ -112,7 +119,8 @@ class BodyReader:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        problem = self._check_headers(Headers(scope=scope))
+        limit = self.limits.body_limit(scope)
+        problem = self._check_headers(Headers(scope=scope), limit)
         if problem is not None:
             return await problem(scope, receive, send)
         length = int(Headers(scope=scope).get("content-length") or 0)
@@ -123,7 +131,7 @@ class BodyReader:
             return await _error(503, busy, **{"Retry-After": "1"})(scope, receive, send)
         self.pending += 1
         try:
-            body = await self._read(receive)
+            body = await self._read(receive, limit)
         finally:
             self.pending -= 1
         if isinstance(body, JSONResponse):
@@ -131,17 +139,17 @@ class BodyReader:
         if body is not None:  # None: the client went away
             await self.app(scope, _replay(body, receive), send)
 
-    def _check_headers(self, headers: Headers) -> JSONResponse | None:
+    def _check_headers(self, headers: Headers, limit: int) -> JSONResponse | None:
         length = headers.get("content-length")
         if headers.get("transfer-encoding"):
             return _error(411, "send a Content-Length with the body (no chunked uploads)")
         if length is not None and (not length.isascii() or not length.isdigit()):
             return _error(400, f"Content-Length {length[:40]!r} is not a number of bytes")
-        if length is not None and int(length) > self.limits.max_body_bytes:
-            return _error(413, f"body of {length} bytes is larger than {self.limits.max_body_bytes}")
+        if length is not None and int(length) > limit:
+            return _error(413, f"body of {length} bytes is larger than {limit}")
         return None
 
-    async def _read(self, receive: Receive) -> bytes | JSONResponse | None:
+    async def _read(self, receive: Receive, limit: int) -> bytes | JSONResponse | None:
         deadline = time.monotonic() + self.limits.body_timeout_s
         chunks, size = [], 0
         while True:
@@ -153,8 +161,8 @@ class BodyReader:
                 return None
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.limits.max_body_bytes:
-                return _error(413, f"body larger than {self.limits.max_body_bytes} bytes")
+            if size > limit:
+                return _error(413, f"body larger than {limit} bytes")
             if not message.get("more_body", False):
                 return b"".join(chunks)
 

@@ -39,12 +39,14 @@ from styleray.serve.schemas import (
     SamplesBody,
     Sampling,
     Seed,
+    parse_latent_list,
     parse_layers,
-    parse_seed_list,
 )
+from styleray.serve.projection_routes import PROJECTION_ROUTES
 
 PUBLIC_HEADERS = ["X-Checkpoint", "X-Seed", "X-Batch-Size", "X-Frames", "X-Images", "X-Grid"]
-SEEDS_HELP = "comma-separated seeds, each an integer in [0, %d] (digits 0-9)" % MAX_SEED
+SEEDS_HELP = "comma-separated seeds, each an integer in [0, %d] (digits 0-9), or proj:ID (a projection)" % MAX_SEED
+LATENT_CHARS = 18  # the longest latent reference, proj: and 12 characters, and its comma
 
 
 def image_response(enc: Encoded, filename: str) -> Response:
@@ -138,12 +140,16 @@ def add_samples(api: FastAPI, backend, key: ApiKey) -> None:
 def add_morph(api: FastAPI, backend, key: ApiKey) -> None:
     @api.get(
         "/v1/morph",
-        summary="An animation through the seeds (linear in W, spherical in Z)",
+        summary="An animation through the seeds or projected images (linear in W, spherical in Z for seeds)",
         response_class=Response,
         responses={200: {"content": {"image/gif": {}, "image/webp": {}}}},
     )
     async def morph(
-        seeds: str = Query(..., max_length=MAX_SEEDS * 11, description="2 or more " + SEEDS_HELP + ": 3,17,42"),
+        seeds: str | None = Query(None, max_length=MAX_SEEDS * LATENT_CHARS,
+                                  description="2 or more " + SEEDS_HELP + ": 3,17,42"),
+        from_: str | None = Query(None, alias="from", max_length=LATENT_CHARS,
+                                  description="instead of seeds: where the morph starts, 42, seed:42 or proj:ID"),
+        to: str | None = Query(None, max_length=LATENT_CHARS, description="with from: where the morph ends"),
         steps: int = Query(30, ge=1, le=MAX_STEPS, description="frames from one seed to the next"),
         space: LatentSpace = Query("w", description="w: linear in W; z: spherical in Z"),
         fps: int = Query(24, ge=FPS_RANGE[0], le=FPS_RANGE[1]),
@@ -154,12 +160,24 @@ def add_morph(api: FastAPI, backend, key: ApiKey) -> None:
         format: AnimationFormat = Query("gif"),
         quality: int = quality_query(),
     ):
-        seed_list = parse_seed_list(seeds, "seeds", min_count=2)
+        seed_list = morph_latents(seeds, from_, to)
         sampling = Sampling(float(truncation), class_idx, noise)
         req = MorphRequest(tuple(seed_list), steps, space, loop, fps, sampling, format, quality)
         check_frames(req)
         enc = await backend.call("morph", req)
-        return image_response(enc, f"morph-{'-'.join(map(str, seed_list[:8]))}.{format}")
+        names = "-".join(str(s).replace("proj:", "p") for s in seed_list[:8])
+        return image_response(enc, f"morph-{names}.{format}")
+
+
+def morph_latents(seeds: str | None, from_: str | None, to: str | None) -> list:
+    """The morph's latents: ``seeds`` (2 or more), or ``from`` and ``to`` (one each)."""
+    if from_ is not None or to is not None:
+        if seeds is not None or from_ is None or to is None:
+            raise InvalidRequest("give either seeds=A,B,... or both from= and to=, e.g. from=proj:ID&to=seed:42")
+        return parse_latent_list(f"{from_},{to}", "from/to", 2, 2)
+    if seeds is None:
+        raise InvalidRequest("seeds: give 2 or more comma-separated seeds (seeds=3,17,42), or from= and to=")
+    return parse_latent_list(seeds, "seeds", MAX_SEEDS, min_count=2)
 
 
 def check_frames(req: MorphRequest) -> None:
@@ -180,16 +198,17 @@ def add_mix(api: FastAPI, backend, key: ApiKey) -> None:
         responses={200: {"content": {"image/png": {}}}},
     )
     async def mix(
-        rows: str = Query(..., max_length=MAX_MIX_SIDE * 11, description=f"1-{MAX_MIX_SIDE} {SEEDS_HELP}: 1,2,3"),
-        cols: str = Query(..., max_length=MAX_MIX_SIDE * 11, description=f"1-{MAX_MIX_SIDE} {SEEDS_HELP}"),
+        rows: str = Query(..., max_length=MAX_MIX_SIDE * LATENT_CHARS,
+                          description=f"1-{MAX_MIX_SIDE} {SEEDS_HELP}: 1,2,3"),
+        cols: str = Query(..., max_length=MAX_MIX_SIDE * LATENT_CHARS, description=f"1-{MAX_MIX_SIDE} {SEEDS_HELP}"),
         layers: str | None = Query(None, max_length=200, description="w layers from the column seeds: 0-5 (default: coarse)"),
         truncation: float = truncation_query(),
         class_idx: int | None = class_query(),
         noise: FrameNoise = Query("const", description="const or none (random noise is seeded per sample)"),
     ):
         req = MixRequest(
-            rows=tuple(parse_seed_list(rows, "rows", MAX_MIX_SIDE)),
-            cols=tuple(parse_seed_list(cols, "cols", MAX_MIX_SIDE)),
+            rows=tuple(parse_latent_list(rows, "rows", MAX_MIX_SIDE)),
+            cols=tuple(parse_latent_list(cols, "cols", MAX_MIX_SIDE)),
             layers=tuple(l) if (l := parse_layers(layers)) is not None else None,
             sampling=Sampling(float(truncation), class_idx, noise),
         )
@@ -209,4 +228,5 @@ def add_reload(api: FastAPI, backend, key: ApiKey) -> None:
         return JSONResponse(result, status_code=status)
 
 
-ROUTES = (add_page, add_docs, add_healthz, add_info, add_sample, add_samples, add_morph, add_mix, add_reload)
+ROUTES = (add_page, add_docs, add_healthz, add_info, add_sample, add_samples, add_morph, add_mix, add_reload,
+          *PROJECTION_ROUTES)

@@ -14,6 +14,9 @@
   checkpoint the registry knows; either way it says so (``fallback`` in ``info``/``ping``) and retries with
   a growing delay, never crashing for want of a model. ``trial`` builds and test-samples a checkpoint for a
   reload before it is published, and keeps it for the swap.
+- Projections of uploaded images run on threads of their own (``projection_runner.py``), at most
+  ``max_running_projections`` per replica; a finished one (``proj:ID``) stands wherever a seed can in grids,
+  morphs and mixing grids (its latent from the ProjectionStore).
 """
 
 from __future__ import annotations
@@ -33,8 +36,21 @@ from ray import serve
 from styleray.serve import encode, work
 from styleray.serve.args import ServeArgs
 from styleray.serve.loading import LoadedModel, LoadError, load_model
+from styleray.serve.projection_runner import ProjectionRunner
+from styleray.serve.projections import Conflict, ProjectionRequest, projection_limits
 from styleray.serve.scheduler import BULK, INTERACTIVE, ModelScheduler
-from styleray.serve.schemas import MEDIA_TYPES, Encoded, GridRequest, MixRequest, MorphRequest, SampleRequest, limits
+from styleray.serve.schemas import (
+    MEDIA_TYPES,
+    Encoded,
+    GridRequest,
+    InvalidRequest,
+    MixRequest,
+    MorphRequest,
+    SampleRequest,
+    Sampling,
+    limits,
+    projection_ids,
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -71,9 +87,11 @@ def _replica_id() -> str:
 
 @serve.deployment(name="Sampler")
 class SamplerDeployment:
-    async def __init__(self, args: ServeArgs, registry):
+    async def __init__(self, args: ServeArgs, registry, projections=None):
         self._args = args
         self._registry = registry  # DeploymentHandle of CheckpointRegistry
+        self._projection_store = projections  # DeploymentHandle of ProjectionStore (None: no projections)
+        self._projections = ProjectionRunner(projections, args.max_running_projections, args.max_projection_steps)
         self._policy = args.source_policy()
         self._device = replica_device(args)
         self._scheduler = ModelScheduler()
@@ -179,6 +197,8 @@ class SamplerDeployment:
             self._scheduler.shutdown()
         if hasattr(self, "_encoder"):
             self._encoder.shutdown(wait=False, cancel_futures=True)
+        if hasattr(self, "_projections"):
+            self._projections.shutdown()
 
     # -- small calls ----------------------------------------------------------------------------------------
 
@@ -203,6 +223,8 @@ class SamplerDeployment:
             "max_batch_size": a.max_batch_size if a.batching else 1,
             "queue": self._scheduler.waiting(),  # model jobs waiting on this replica: interactive, bulk
             "limits": limits(),
+            "projections": {**projection_limits(a.max_projection_steps, a.max_running_projections, a.projections_kept),
+                            "running_here": self._projections.running},
         }
 
     def _fallback_info(self) -> dict | None:
@@ -267,11 +289,16 @@ class SamplerDeployment:
     async def grid(self, req: GridRequest) -> Encoded:
         model = self._model
         work.check_sampling(model.G, req.sampling)
-        seeds = list(req.seeds)
-        ws = await self._scheduler.run(BULK, work.seeds_ws, model, seeds, req.sampling, remaining=_chunks(len(seeds)) + 1)
+        seeds, left = list(req.seeds), _chunks(len(req.seeds)) + 1
+        if projection_ids(seeds):
+            fetched = await self._fetch_projections(model, seeds, req.sampling)
+            ws = await self._scheduler.run(BULK, work.latents_ws, model, seeds, fetched, req.sampling, remaining=left)
+            seeds = None  # noise: const or none (a projection has no seed to seed random noise)
+        else:
+            ws = await self._scheduler.run(BULK, work.seeds_ws, model, seeds, req.sampling, remaining=left)
         images = await self._synthesize(model, ws, seeds, req.sampling.noise)
         if req.format == "zip":
-            named = [(f"seed{seed:010d}.png", img) for seed, img in zip(req.seeds, images)]
+            named = [(_zip_name(ref), img) for ref, img in zip(req.seeds, images)]
             data = await self._encode(encode.encode_zip, named)
         else:
             data = await self._encode(work.encode_grid, images, req.cols, req.pad)
@@ -280,7 +307,14 @@ class SamplerDeployment:
     async def morph(self, req: MorphRequest) -> Encoded:
         model = self._model
         work.check_sampling(model.G, req.sampling)
-        ws = await self._scheduler.run(BULK, work.morph_ws, model, req, remaining=_chunks(req.frames) + 1)
+        if projection_ids(req.seeds):
+            if req.space != "w":
+                raise InvalidRequest("space=z: a projected image has a latent in W, not in Z; use space=w")
+            fetched = await self._fetch_projections(model, req.seeds, req.sampling)
+            ws = await self._scheduler.run(BULK, work.morph_latents_ws, model, req, fetched,
+                                           remaining=_chunks(req.frames) + 1)
+        else:
+            ws = await self._scheduler.run(BULK, work.morph_ws, model, req, remaining=_chunks(req.frames) + 1)
         frames = await self._synthesize(model, ws, None, req.sampling.noise)
         data = await self._encode(encode.encode_animation, frames, req.format, req.fps, req.quality)
         return Encoded(data, MEDIA_TYPES[req.format], model.name, {"X-Frames": str(len(frames))})
@@ -293,7 +327,12 @@ class SamplerDeployment:
         work.check_layers(model.G, req.layers)
         rows, cols = len(req.rows), len(req.cols)
         cell_chunks = _chunks(rows * cols)
-        ws, mixed = await self._scheduler.run(BULK, work.mix_ws, model, req, remaining=_chunks(rows + cols) + cell_chunks + 1)
+        left = _chunks(rows + cols) + cell_chunks + 1
+        if projection_ids(req.rows + req.cols):
+            fetched = await self._fetch_projections(model, req.rows + req.cols, req.sampling)
+            ws, mixed = await self._scheduler.run(BULK, work.mix_latents_ws, model, req, fetched, remaining=left)
+        else:
+            ws, mixed = await self._scheduler.run(BULK, work.mix_ws, model, req, remaining=left)
         singles = await self._synthesize(model, ws, None, req.sampling.noise, after=cell_chunks)
         cells = await self._synthesize(model, mixed, None, req.sampling.noise)
         grid = style_mix_grid(singles, cells, rows, cols)
@@ -315,6 +354,37 @@ class SamplerDeployment:
 
     async def _encode(self, fn: Callable, *args: Any) -> bytes:
         return await asyncio.get_running_loop().run_in_executor(self._encoder, fn, *args)
+
+    # -- projections (serve/projection_runner.py) ------------------------------------------------------------
+
+    async def start_projection(self, req: ProjectionRequest) -> dict:
+        """Start projecting an uploaded image on this replica; its record at once (429 when the slots are full)."""
+        if self._projection_store is None:
+            raise InvalidRequest("this application has no projection store")
+        model = self._model
+        if model.G.c_dim > 0 and req.class_idx is not None and not 0 <= req.class_idx < model.G.c_dim:
+            raise InvalidRequest(
+                f"class={req.class_idx} is out of range: this generator has classes 0-{model.G.c_dim - 1}")
+        return await self._projections.start(model, req)
+
+    async def _fetch_projections(self, model: LoadedModel, refs, sampling: Sampling) -> dict[str, np.ndarray]:
+        """The latents of the proj:ID references, checked against the served model (409 when they do not fit)."""
+        if sampling.noise == "random":
+            raise InvalidRequest("noise=random: a projected image has no seed to seed its noise; use const or none")
+        fetched = {}
+        for pid in dict.fromkeys(projection_ids(refs)):
+            ws, params = await self._projection_store.latent.remote(pid)
+            if tuple(ws.shape) != (model.G.num_ws, model.G.w_dim):
+                raise Conflict(
+                    f"proj:{pid} was made with {params.get('checkpoint')} ({params.get('resolution')} px, w "
+                    f"{list(ws.shape)}); this server now serves {model.name} ({model.G.img_resolution} px, w "
+                    f"[{model.G.num_ws}, {model.G.w_dim}]): project the image again")
+            fetched[pid] = ws
+        return fetched
+
+
+def _zip_name(ref) -> str:
+    return f"seed{ref:010d}.png" if isinstance(ref, int) else f"{ref.replace(':', '-')}.png"
 
 
 def _chunks(rows: int) -> int:

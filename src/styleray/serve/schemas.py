@@ -28,6 +28,8 @@ FPS_RANGE = (1, 50)  # GIF frame delays are multiples of 10 ms; browsers clamp f
 QUALITY_RANGE = (1, 100)  # JPEG / WebP quality; 100 makes WebP lossless
 MAX_GRID_COLS = MAX_SEEDS
 MAX_BODY_BYTES = 64 * 1024  # a POST body larger than this is refused before parsing (413)
+ID_PATTERN = re.compile(r"[0-9a-f]{12}")  # a projection id (serve/projections.py)
+LatentRef = int | str  # a seed, or "proj:<id>": a finished projection's latent
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 AnimationFormat = Literal["gif", "webp"]
@@ -110,12 +112,69 @@ Seed = Annotated[int, BeforeValidator(_seed_field)]
 
 def parse_seed_list(text: str, name: str, max_count: int = MAX_SEEDS, min_count: int = 1) -> list[int]:
     """'3,17,42' -> [3, 17, 42]; InvalidRequest naming the parameter, the bad value and the limit."""
+    return [parse_seed(p, name) for p in _list_parts(text, name, max_count, min_count)]
+
+
+def _list_parts(text: str, name: str, max_count: int, min_count: int, what: str = "seeds") -> list[str]:
     parts = text.split(",") if text.strip() else []
     if len(parts) > max_count:
         raise InvalidRequest(f"{name}: {len(parts)} seeds given, at most {max_count} allowed")
     if len(parts) < min_count:
-        raise InvalidRequest(f"{name}: give at least {min_count} comma-separated seeds, e.g. {name}=3,17,42")
-    return [parse_seed(p, name) for p in parts]
+        raise InvalidRequest(f"{name}: give at least {min_count} comma-separated {what}, e.g. {name}=3,17,42")
+    return parts
+
+
+# A latent reference names a latent wherever the API takes seeds (morphs, mixes, grids): 42 or seed:42 (a
+# seed), or proj:ID (a finished projection's latent, serve/projections.py).
+
+
+def latent_problem(value: object) -> str | None:
+    """Why ``value`` is neither a seed nor proj:ID, or None when it is one of them."""
+    if isinstance(value, str) and ":" in value:
+        kind, _, rest = value.strip().partition(":")
+        if kind == "proj":
+            return None if ID_PATTERN.fullmatch(rest) else \
+                f"{value[:40]!r}: a projection reference is proj: and 12 hexadecimal characters"
+        if kind != "seed":
+            return f"{value[:40]!r}: give a seed (42 or seed:42) or a projection (proj:ID)"
+        value = rest
+    return seed_problem(value)
+
+
+def parse_latent_ref(value: object, name: str) -> LatentRef:
+    """'42', 42 or 'seed:42' -> 42; 'proj:0123456789ab' -> 'proj:0123456789ab'; InvalidRequest naming ``name``."""
+    problem = latent_problem(value)
+    if problem is not None:
+        raise InvalidRequest(f"{name}: {problem}")
+    return _as_latent(value)
+
+
+def _as_latent(value: object) -> LatentRef:
+    if isinstance(value, str) and value.strip().startswith("proj:"):
+        return value.strip()
+    return _as_int(value.strip().removeprefix("seed:") if isinstance(value, str) else value)
+
+
+def _latent_field(value: object) -> LatentRef:
+    """Pydantic's view of a latent reference (JSON ``seeds``): the same rule and words as parse_latent_ref."""
+    problem = latent_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("seed", problem)
+    return _as_latent(value)
+
+
+Latent = Annotated[LatentRef, BeforeValidator(_latent_field)]
+
+
+def parse_latent_list(text: str, name: str, max_count: int = MAX_SEEDS, min_count: int = 1) -> list[LatentRef]:
+    """'3,proj:0123456789ab,seed:42' -> [3, 'proj:0123456789ab', 42]; bounded like seed lists."""
+    parts = _list_parts(text, name, max_count, min_count, "seeds (or proj:ID)")
+    return [parse_latent_ref(p, name) for p in parts]
+
+
+def projection_ids(refs) -> list[str]:
+    """The projection ids among latent references (without the proj: prefix)."""
+    return [r[len("proj:"):] for r in refs if isinstance(r, str)]
 
 
 def parse_layers(text: str | None, name: str = "layers") -> list[int] | None:
@@ -157,7 +216,7 @@ class SampleRequest:
 
 @dataclass(frozen=True)
 class GridRequest:
-    seeds: tuple[int, ...]
+    seeds: tuple[LatentRef, ...]
     sampling: Sampling = field(default_factory=Sampling)
     format: str = "png"  # png grid or zip of PNGs
     cols: int | None = None
@@ -166,7 +225,7 @@ class GridRequest:
 
 @dataclass(frozen=True)
 class MorphRequest:
-    seeds: tuple[int, ...]
+    seeds: tuple[LatentRef, ...]
     steps: int = 30
     space: str = "w"
     loop: bool = False
@@ -183,8 +242,8 @@ class MorphRequest:
 
 @dataclass(frozen=True)
 class MixRequest:
-    rows: tuple[int, ...]
-    cols: tuple[int, ...]
+    rows: tuple[LatentRef, ...]
+    cols: tuple[LatentRef, ...]
     layers: tuple[int, ...] | None = None
     sampling: Sampling = field(default_factory=Sampling)
 
@@ -207,7 +266,8 @@ class SamplesBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
-    seeds: list[Seed] = Field(min_length=1, max_length=MAX_SEEDS, description=f"1 to {MAX_SEEDS} seeds")
+    seeds: list[Latent] = Field(min_length=1, max_length=MAX_SEEDS,
+                                description=f"1 to {MAX_SEEDS} seeds, or proj:ID for a projected image")
     truncation: float = Field(1.0, ge=TRUNCATION_RANGE[0], le=TRUNCATION_RANGE[1], allow_inf_nan=False)
     class_idx: int | None = Field(None, alias="class", ge=0, description="class index of a conditional model")
     noise: NoiseMode = "const"

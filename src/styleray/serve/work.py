@@ -96,6 +96,40 @@ def mix_ws(model: LoadedModel, req: MixRequest):
         return style_mix_ws(model.G, list(req.rows), list(req.cols), layers, s.truncation, s.class_idx)
 
 
+# -- with projected images (proj:ID): their latents in place of seeds ---------------------------------------
+
+
+def latents_ws(model: LoadedModel, refs, fetched: dict[str, np.ndarray], s: Sampling):
+    """[N, num_ws, w_dim] on the model's device: seeds through the mapping (truncation, class), projections'
+    latents (``fetched``: id -> [num_ws, w_dim]) as they are."""
+    import torch
+
+    from styleray.models.sampling import seeds_to_ws
+
+    seeds = [r for r in refs if isinstance(r, int)]
+    with torch.inference_mode():
+        seed_ws = iter(seeds_to_ws(model.G, seeds, s.truncation, class_idx=s.class_idx)) if seeds else iter(())
+        device = next(model.G.parameters()).device
+        return torch.stack([next(seed_ws) if isinstance(r, int) else
+                            torch.from_numpy(fetched[r[len("proj:"):]]).to(device) for r in refs])
+
+
+def morph_latents_ws(model: LoadedModel, req: MorphRequest, fetched: dict[str, np.ndarray]):
+    """The frames' ws of a morph in W through seeds and projections (see ``sampling.lerp_frames``)."""
+    from styleray.models.sampling import lerp_frames
+
+    return lerp_frames(latents_ws(model, req.seeds, fetched, req.sampling), req.steps, req.loop)
+
+
+def mix_latents_ws(model: LoadedModel, req: MixRequest, fetched: dict[str, np.ndarray]):
+    """(ws of the rows then the columns, mixed ws of the cells) with projections among them."""
+    from styleray.models.sampling import mix_latents
+
+    ws = latents_ws(model, req.rows + req.cols, fetched, req.sampling)
+    layers = list(req.layers) if req.layers is not None else None
+    return ws, mix_latents(ws[: len(req.rows)], ws[len(req.rows):], layers)
+
+
 def synthesize(model: LoadedModel, ws, seeds: list[int] | None, noise: str) -> np.ndarray:
     """Images of one chunk of ws (at most ``sampling.CHUNK`` rows for a fair share of the model thread)."""
     import torch

@@ -41,7 +41,7 @@ from styleray.datasets.prepare.clustering import image_features
 from styleray.datasets.prepare.decode import UNREADABLE, Rejected, decode_image
 from styleray.datasets.prepare.removers import RembgModel, RembgSegmenter, Segmentation, from_soft_alpha, segment_classic
 from styleray.datasets.prepare.sources import Location, Store, read_source
-from styleray.datasets.prepare.square import clean_alpha, square_on_white
+from styleray.datasets.prepare.square import clean_alpha, on_white, square_on_white
 
 log = logging.getLogger(__name__)
 
@@ -177,14 +177,6 @@ def _segment(item: Item, segmenter: RembgSegmenter | None) -> Item:
     return item
 
 
-def _on_white(rgb: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
-    """The source as seen on white (transparent pixels have no colour of their own)."""
-    if alpha is None:
-        return rgb
-    a = alpha.astype(np.float32)[..., None] / 255.0
-    return np.clip(rgb * a + 255.0 * (1.0 - a), 0, 255).astype(np.uint8)
-
-
 def _png_bytes(rgb: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG", compress_level=6)
@@ -225,7 +217,7 @@ def _finish(job: Job, item: Item, store: Store) -> dict:
     store.write(f"{CACHE_DIR}/{name}", _png_bytes(out))
     item.seconds["finish"] = time.perf_counter() - t0
     record = {"key": item.key, "source": item.source, "status": "processed", "reason": None, "detail": None,
-              "file": name, **item.meta, "phash": checks.phash(_on_white(rgb, item.alpha)),
+              "file": name, **item.meta, "phash": checks.phash(on_white(rgb, item.alpha)),
               "features": [round(float(v), 5) for v in image_features(out, out_alpha)], "seconds": item.seconds}
     _write_record(store, record)
     return record

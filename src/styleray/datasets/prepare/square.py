@@ -17,6 +17,14 @@ from PIL import Image
 from styleray.datasets.prepare.checks import bbox, touched_edges
 
 
+def on_white(rgb: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
+    """uint8 RGB with its uint8 alpha composited on white (transparent pixels have no colour of their own)."""
+    if alpha is None:
+        return rgb
+    a = alpha.astype(np.float32)[..., None] / 255.0
+    return np.clip(rgb * a + 255.0 * (1.0 - a), 0, 255).astype(np.uint8)
+
+
 def clean_alpha(alpha: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Soft alpha with its tails snapped (< 0.1 -> 0, > 0.9 -> 1) and zero away from the cleaned mask."""
     from scipy import ndimage
