@@ -27,7 +27,7 @@ from serve_helpers import (
 
 from styleray.models import sampling
 from styleray.platform.checkpoint import load_generator
-from styleray.serve.schemas import MAX_FRAMES, MAX_MIX_SIDE, MAX_SEED, MAX_SEEDS
+from styleray.serve.schemas import MAX_MIX_SIDE, MAX_SEED, MAX_SEEDS
 
 KEY = "test-key-3f9a"
 pytestmark = pytest.mark.timeout(300)
