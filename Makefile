@@ -2,6 +2,7 @@
 #   make test   set up .venv (once) and run the test suite
 #   make demo   set up .venv (once) and run the end-to-end demo on a local Ray cluster
 PYTHON ?= python3
+TORCH_INDEX ?=  # a pip index for torch's build (e.g. https://download.pytorch.org/whl/cpu); empty: pip's own
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -13,8 +14,10 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch first, pinned: the CPU wheel on this machine, never an unpinned CUDA download
-	$(PY) -m pip install --quiet torch==2.13.0
+	# torch first. The pin fixes the version, not the build: pip takes the CPU build where one is offered
+	# (here pip's find-links holds torch-2.13.0+cpu, which sorts above PyPI's CUDA build of 2.13.0); elsewhere
+	# name the build's index: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+	$(PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -54,7 +54,7 @@ def bare_img_per_sec(model, train, batch: int, threads: int, windows: int = 6) -
 def ray_img_per_sec(run, options) -> dict:
     """Median tick img/s (first tick dropped) and the median share of rank 0's tick time spent outside the
     training step (data, reporting, bookkeeping): a figure that load from other programs hardly moves."""
-    from styleray.platform import ray_train
+    from styleray.platform.train import ray_train
 
     ray_train.fit(run, resume=None, options=options)
     with open(os.path.join(run.out, "metrics.jsonl"), encoding="utf-8") as f:
@@ -69,7 +69,7 @@ def ray_img_per_sec(run, options) -> dict:
 
 
 def recovery(run, options, marker: str) -> dict[str, float]:
-    from styleray.platform import ray_train
+    from styleray.platform.train import ray_train
 
     summary = ray_train.fit(
         run, resume=None, options=options, inject_failure={"rank": 1, "after_kimg": run.train.tick_kimg * 2, "marker": marker}
@@ -95,9 +95,9 @@ def main() -> int:
 
     import ray
 
-    from styleray.config import RunConfig, resolve_preset
+    from styleray.config import RunSpec, resolve_preset
     from styleray.datasets.synthetic import make_clean_training_set
-    from styleray.platform import ray_train
+    from styleray.platform.train import ray_train
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     work = tempfile.mkdtemp(prefix="styleray-bench-")
@@ -111,7 +111,7 @@ def main() -> int:
             "cpu-tiny", resolution=args.resolution, workers=workers,
             train_overrides=dict(batch=B * workers, kimg=tick * ticks, tick_kimg=tick, snap=snap),
         )
-        return RunConfig(model=model, train=train, preset="cpu-tiny", data=data, out=os.path.join(work, out))
+        return RunSpec(model=model, train=train, preset="cpu-tiny", data=data, out=os.path.join(work, out))
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     one = config(1, "bare", 1, 1)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from styleray.config import PRESETS, ModelConfig, RunConfig, TrainConfig, auto_batch, resolve_preset
+from styleray.config import PRESETS, ModelConfig, RunSpec, TrainConfig, auto_batch, resolve_preset
 
 
 @pytest.mark.parametrize(
@@ -76,10 +76,10 @@ def test_batch_gpu_defaults_follow_the_reference(preset, res, workers, overrides
 
 def test_run_config_json_roundtrip():
     model, train = resolve_preset("cpu-tiny", resolution=32)
-    run = RunConfig(model, train, preset="cpu-tiny", data="d", out="o")
+    run = RunSpec(model, train, preset="cpu-tiny", data="d", out="o")
     import json
 
-    assert RunConfig.from_dict(json.loads(run.to_json())) == run
+    assert RunSpec.from_dict(json.loads(run.to_json())) == run
 
 
 @pytest.mark.parametrize(
@@ -97,7 +97,7 @@ def test_run_config_json_roundtrip():
         (lambda: TrainConfig(batch=8, batch_gpu=0), r"--batch-gpu 0 must be >= 1"),
         (lambda: resolve_preset("auto", resolution=256, train_overrides={"batch": 12, "batch_gpu": 6}),
          r"a round of 6 images per worker .* minibatch std group 4 .* make --batch-gpu a multiple of 4"),
-        (lambda: TrainConfig(augment_pipe="bgx"), r"--augment-pipe 'bgx' must be one of blit, geom, color"),
+        (lambda: TrainConfig(augment_pipe="bgx"), r"--augpipe 'bgx' must be one of blit, geom, color"),
         (lambda: TrainConfig(ada_target=1.0), r"--target 1.0 must lie in \(0, 1\)"),
     ],
 )

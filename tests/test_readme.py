@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from styleray import cli
+from styleray.settings import TrainSettings, given
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
@@ -23,7 +24,7 @@ README = os.path.join(REPO, "README.md")
 COVERED_ELSEWHERE = {
     "make demo": "tests/test_demo.py",  # runs `styleray demo`, the Makefile target's command (checked below)
     "make test": ".ci/run",  # CI runs exactly `make test`
-    "ray job submit": "tests/platform/test_job_submit.py",  # and scripts/rehearse-node-loss.sh
+    "ray job submit": "tests/platform/manager/test_job_submit.py",  # and scripts/rehearse-node-loss.sh
     "serve deploy": "tests/serve/test_serve_yaml.py",  # serve.yaml against Ray Serve's schema and the builder
     "scripts/rehearse-node-loss.sh": "tests/test_rehearse_script.py",
 }
@@ -32,7 +33,7 @@ INLINE_ELSEWHERE = {
     "ray up": "tests/test_cluster_yaml.py",  # cluster.yaml validated against the autoscaler schema, offline
     "ray dashboard": "tests/test_cluster_yaml.py",
     "ray down": "tests/test_cluster_yaml.py",
-    "ray job submit": "tests/platform/test_job_submit.py",
+    "ray job submit": "tests/platform/manager/test_job_submit.py",
     "serve deploy": "tests/serve/test_serve_yaml.py",
     "make demo": "tests/test_demo.py",
     "make test": ".ci/run",
@@ -40,7 +41,7 @@ INLINE_ELSEWHERE = {
     "make clean": "Makefile",
     "pip install": "Makefile",
     "ray start": "tests/test_rehearse_script.py",  # scripts/rehearse-node-loss.sh starts its nodes with it
-    "ray job stop": "tests/platform/test_manager_control.py",  # a STOPPED job is resumed by the manager
+    "ray job stop": "tests/platform/manager/test_manager_control.py",  # a STOPPED job is resumed by the manager
 }
 
 
@@ -82,14 +83,15 @@ def _covered(argv: list[str], table: dict[str, str]) -> str | None:
 
 def _parse_styleray(argv: list[str]) -> None:
     """Parse with the real parser (SystemExit = a README command that does not parse); `queue add` also
-    checks the train flags it passes through."""
+    checks the train settings it records."""
     assert argv[0] == "styleray"
     try:
         args = cli.build_parser().parse_args(argv[1:])
-        if getattr(args, "_train_passthrough", False) and args.train_args:
-            cli.build_parser().parse_args(["train", "--data", "d", "--out", "o", *args.train_args])
     except SystemExit as e:
         raise AssertionError(f"README command does not parse: {' '.join(argv)}") from e
+    if argv[1:3] == ["queue", "add"]:  # its train settings are kept as text, to be recorded: check them here
+        assert not args.unknown_flags, f"README command has unknown flags {args.unknown_flags}: {' '.join(argv)}"
+        TrainSettings.from_mapping({"data": "d", "out": "o", **given(args)}, " ".join(argv))
 
 
 # -- the tests ---------------------------------------------------------------------------------------------
@@ -162,7 +164,8 @@ def test_make_demo_runs_styleray_demo():
 
 
 class _Backend:
-    """Answers every generator call with a 1x1 PNG (the routes and their validation are what is tested)."""
+    """Answers every generator call with a 1x1 PNG (the routes and their validation are what is tested), and
+    projection calls with a record, a PNG or a latent."""
 
     async def call(self, method, request=None):
         from styleray.serve import encode
@@ -172,14 +175,26 @@ class _Backend:
             return {"resolution": 1}
         if method == "ping":
             return "ckpt-x"
+        if method == "start_projection":
+            return {"id": "3f2a9c4e1b7d", "status": "running"}
         return Encoded(encode.encode_image(np.zeros([1, 1, 3], np.uint8), "png"), "image/png", "ckpt-x", {})
 
     async def reload(self, checkpoint, wait_s):
         return 200, {"checkpoint": checkpoint}
 
+    async def projections(self, method, *args):
+        from styleray.serve import encode
 
-def curl_request(argv: list[str]) -> tuple[str, str, dict | None, dict[str, str]]:
-    """(method, path?query, JSON body, headers) of a curl command line."""
+        if method == "image":
+            return encode.encode_image(np.zeros([1, 1, 3], np.uint8), "png")
+        if method == "latent":
+            return np.zeros([2, 2], np.float32), {}
+        return [] if method == "list" else {"id": args[0], "status": "done"}
+
+
+def curl_request(argv: list[str]) -> tuple[str, str, dict | bytes | None, dict[str, str]]:
+    """(method, path?query, JSON body or bytes, headers) of a curl command line; ``--data-binary @FILE``
+    sends a small PNG in FILE's place."""
     method, body, headers, url = "GET", None, {}, None
     i = 1
     while i < len(argv):
@@ -188,6 +203,12 @@ def curl_request(argv: list[str]) -> tuple[str, str, dict | None, dict[str, str]
             method, i = argv[i + 1], i + 2
         elif a in ("-d", "--data", "--data-raw"):
             body, i = json.loads(argv[i + 1]), i + 2
+            method = "POST" if method == "GET" else method
+        elif a == "--data-binary":
+            from styleray.serve import encode
+
+            assert argv[i + 1].startswith("@"), "--data-binary examples send a file: @FILE"
+            body, i = encode.encode_image(np.full([16, 16, 3], 200, np.uint8), "png"), i + 2
             method = "POST" if method == "GET" else method
         elif a in ("-H", "--header"):
             k, v = argv[i + 1].split(":", 1)
@@ -211,11 +232,13 @@ def test_curl_examples_are_valid_requests(line):
     from styleray.serve.api import create_api
 
     method, path, body, headers = curl_request(words(line))
-    app = create_api(_Backend(), api_key=None)
+    app = create_api(_Backend(), api_key=headers.get("X-API-Key"))  # a line that sends a key: the server has it
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            if isinstance(body, bytes):
+                return await c.request(method, path, content=body, headers=headers)
             return await c.request(method, path, json=body, headers=headers)
 
     r = asyncio.run(go())
-    assert r.status_code == 200, f"{line}: {r.status_code} {r.text[:300]}"
+    assert r.status_code in (200, 202), f"{line}: {r.status_code} {r.text[:300]}"

@@ -1,15 +1,21 @@
-"""The ``styleray`` command. Thin: parse flags, build a config, call one function of a part.
+"""The ``styleray`` command. Thin: each command parses its flags, calls one function of a part, and prints.
 
-torch and Ray are imported inside the commands that need them, so ``styleray --help`` is instant.
+Nothing imports this module. torch and Ray are imported inside the functions the commands call, so
+``styleray --help`` is instant. Errors below the CLI are exceptions with a message (``ValueError`` and its
+subclasses): ``main`` prints them as ``styleray COMMAND: error: ...`` and exits 2.
+
+The train flags are not declared here: ``settings.add_arguments`` makes them from the fields of
+``settings.TrainSettings`` (``train``, ``queue add`` and the fixed settings of ``tune``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Callable
+
+from styleray import settings as train_settings
 
 log = logging.getLogger("styleray")
 
@@ -18,9 +24,11 @@ typical flow:
   styleray prepare raw/ data/ --resolution 256        # Ray Data: clean, square, white-background PNGs
   styleray train --data data/ --out runs/r1 --kimg 5000  # train (Ray Train with --workers N)
   styleray generate --checkpoint runs/r1 --seeds 0-15 --out grid.png
+  styleray project --checkpoint runs/r1 --target hero.png --out proj/  # a real image's latent (W, W+, PTI)
   styleray serve --checkpoint runs/r1                   # Ray Serve HTTP API + latent explorer page
   styleray demo                                         # all of the above on the built-in sample data
 """
+DB_HELP = "queue database (default: $STYLERAY_QUEUE or ~/.styleray/queue.db)"
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -54,262 +62,12 @@ def _positive_float(text: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# train
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _add_train(sub) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train StyleGAN2-ADA on a prepared dataset (Ray Train)",
-        description="Train StyleGAN2-ADA on a prepared dataset (square PNGs + dataset.json, or Parquet) with Ray "
-        "Train: --workers processes (one per GPU with --gpus; gloo on CPU, NCCL on GPU). Attaches to the cluster "
-        "in RAY_ADDRESS (e.g. under `ray job submit`), else starts a local one. Writes checkpoints, metrics.jsonl, "
-        "sample grids and best.json to --out; restarts failed workers from the last checkpoint (--max-failures), "
-        "rolls back unstable training (--max-rollbacks), and --resume latest continues a stopped or finished run "
-        "to a new --kimg. --no-ray trains in this process instead (one worker, local data; notebooks, debugging).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--data", required=True, help="prepared dataset: PNG folder or Parquet, local or s3://")
-    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, grids (local or s3://)")
-    p.add_argument("--preset", default="auto", help="auto, stylegan2, paper256, paper512, paper1024, cpu-tiny")
-    p.add_argument("--resolution", type=int, default=None, help="image size; default: the dataset's")
-    p.add_argument("--kimg", type=_positive_float, default=None, help="train until this many thousand images")
-    p.add_argument("--tick", type=_positive_float, default=None, help="progress report interval in kimg")
-    p.add_argument("--snap", type=int, default=None, help="checkpoint + sample grid every this many ticks")
-    p.add_argument("--batch", type=int, default=None, help="total batch size over all workers (preset default)")
-    p.add_argument("--workers", type=int, default=1, help="training processes (Ray Train workers; one per GPU)")
-    p.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL); default: CPU workers (gloo)")
-    p.add_argument("--cpus-per-worker", type=_positive_float, default=None,
-                   help="CPUs reserved per worker (default: 1 with --gpus, 0.9 on CPU)")
-    p.add_argument("--max-failures", type=int, default=3,
-                   help="restart failed workers from the last checkpoint this many times (-1: no limit)")
-    p.add_argument("--placement-timeout", type=_positive_float, default=300.0,
-                   help="seconds to wait for room for the workers (at start, or after losing a node) before failing")
-    p.add_argument("--autoscale", action="store_true",
-                   help="the cluster can add nodes: wait for them instead of failing fast when --workers do not fit")
-    p.add_argument("--max-rollbacks", type=int, default=None,
-                   help="roll back unstable training (NaN/Inf, D collapse) at most this many times (default 3)")
-    p.add_argument("--no-ray", action="store_true", help="train in this process without Ray (--workers 1, local --data)")
-    p.add_argument("--gamma", type=float, default=None, help="R1 regularisation weight (preset default)")
-    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate of G and D (preset default)")
-    p.add_argument("--lr-g", type=_positive_float, default=None, help="learning rate of G (default: --lr)")
-    p.add_argument("--lr-d", type=_positive_float, default=None, help="learning rate of D (default: --lr)")
-    p.add_argument("--map", type=int, default=None, help="mapping network depth in layers (preset default)")
-    p.add_argument("--aug", choices=["ada", "fixed", "noaug"], default="ada", help="augmentation mode")
-    p.add_argument("--augment-p", type=float, default=None, help="initial (ada) or constant (fixed) augment p")
-    p.add_argument("--target", type=float, default=None, help="ADA target for r_t")
-    p.add_argument("--mirror", action="store_true", help="random x-flips of the data")
-    p.add_argument("--cond", action="store_true", help="class-conditional training from dataset.json labels")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--keep", type=int, default=None, help="keep this many latest checkpoints (plus the best one)")
-    p.add_argument("--resume", default="latest",
-                   help="'latest' (the run's newest good checkpoint, if any), 'none' (a new run), or a checkpoint or run path")
-    p.add_argument("--device", default=None, help="torch device with --no-ray (default: cuda if available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (--no-ray)")
-    p.add_argument("--config", default=None, metavar="FILE",
-                   help="YAML of train settings (these flags' names, e.g. lr_g: 0.002) used as defaults; flags win")
-    p.expands_config_file = True  # see _ConfigFileParser (a plain ArgumentParser ignores it: queue's checker)
-    p.add_argument("--metrics", default=None, metavar="LIST",
-                   help="measure these during training (fid,kid) on G_ema; best.json then picks the lowest FID")
-    p.add_argument("--metrics-every", type=int, default=1, metavar="T", help="measure every T ticks (and at the end)")
-    p.add_argument("--metrics-num-gen", type=int, default=1000, help="generated images per measurement")
-    p.add_argument("--extractor", default=None,
-                   help="feature extractor for --metrics (default inception-v3; pixels-8x8 is a weights-free proxy)")
-    p.add_argument("--inception", default=None, metavar="PATH",
-                   help="pt_inception-2015-12-05-6726825d.pth (default: $STYLERAY_INCEPTION, then ~/.cache/styleray/)")
-    p.set_defaults(func=_cmd_train)
-
-
-def build_run_config(args, data_resolution: int, data_channels: int, num_classes: int):
-    """RunConfig from train flags (shared by train and demo)."""
-    from styleray.config import RunConfig, resolve_preset
-
-    resolution = args.resolution or data_resolution
-    c_dim = num_classes if args.cond else 0
-    if args.cond and num_classes == 0:
-        raise ValueError(f"--cond: {args.data} has no labels in dataset.json (prepare with --clusters K or framing labels)")
-    model, train = resolve_preset(
-        args.preset,
-        resolution=resolution,
-        workers=args.workers,
-        img_channels=data_channels,
-        c_dim=c_dim,
-        model_overrides=dict(mapping_layers=getattr(args, "map", None)),
-        train_overrides=dict(
-            batch=args.batch,
-            kimg=args.kimg,
-            tick_kimg=args.tick,
-            snap=args.snap,
-            r1_gamma=args.gamma,
-            lr_g=getattr(args, "lr_g", None) or args.lr,
-            lr_d=getattr(args, "lr_d", None) or args.lr,
-            augment=args.aug,
-            augment_p=args.augment_p,
-            ada_target=args.target,
-            mirror=args.mirror or None,
-            seed=args.seed,
-            keep_checkpoints=args.keep,
-            max_rollbacks=getattr(args, "max_rollbacks", None),
-        ),
-    )
-    return RunConfig(model=model, train=train, preset=args.preset, data=args.data, out=args.out, device=args.device or "cpu")
-
-
-def _cmd_train(args) -> int:
-    from styleray.platform import ray_train, storage
-    from styleray.platform.stability import TrainingDiverged
-
-    resume = None if args.resume == "none" else args.resume
-    metrics_options = None
-    if args.metrics:  # checked before anything is read or trained; a missing Inception file fails in prepare
-        from styleray.platform.train_metrics import parse_options
-
-        metrics_options = parse_options(args.metrics, every=args.metrics_every, num_gen=args.metrics_num_gen,
-                                        extractor=args.extractor, weights=args.inception)
-    try:
-        if args.no_ray:
-            import torch
-
-            from styleray.datasets.reader import BatchSampler, load_image_folder
-            from styleray.platform.loop import LoopHooks, run_training
-
-            if args.workers != 1:
-                raise ValueError(
-                    f"--no-ray trains in this process: use --workers 1, or drop --no-ray for {args.workers} Ray workers"
-                )
-            data = load_image_folder(args.data, resolution=args.resolution)
-            args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            run = build_run_config(args, data.resolution, data.channels, data.num_classes)
-            if not args.cond:
-                data.labels, data.num_classes = None, 0
-            sampler = BatchSampler(data, run.train.batch_per_worker, seed=run.train.seed, mirror=run.train.mirror)
-            log.info("training %s at %dpx on %d images -> %s", run.preset, run.model.resolution, len(data.images), run.out)
-            resume = ray_train.check_resume(resume, run.out)
-            hooks = LoopHooks(progress=not args.no_progress)
-            if metrics_options is not None:
-                from styleray.datasets.ray_reader import inspect_dataset
-                from styleray.platform.train_metrics import TickEvaluator, prepare
-
-                info = inspect_dataset(storage.absolute(args.data), storage.pyarrow_filesystem(args.data)[0])
-                same = list(info.files) == list(data.files)  # then its images are the ones already in memory
-                plan = prepare(metrics_options, info, run.model.resolution, run.model.img_channels, args.device,
-                               images=data.images if same else None)
-                hooks.evaluate, hooks.evaluate_every = TickEvaluator(plan, args.device), metrics_options.every
-            summary = run_training(run, sampler, resume=resume, hooks=hooks)
-        else:
-            from styleray.datasets.ray_reader import inspect_dataset
-
-            data = inspect_dataset(storage.absolute(args.data), storage.pyarrow_filesystem(args.data)[0])
-            run = build_run_config(args, data.resolution, data.channels, data.num_classes)
-            options = ray_train.RayOptions(
-                gpus=args.gpus,
-                cpus_per_worker=args.cpus_per_worker,
-                max_failures=args.max_failures,
-                placement_timeout_s=args.placement_timeout,
-                autoscale=args.autoscale,
-            )
-            plan = None
-            if metrics_options is not None:
-                from styleray.platform.train_metrics import prepare
-
-                plan = prepare(metrics_options, data, run.model.resolution, run.model.img_channels)
-            summary = ray_train.fit(run, data=data, resume=resume, options=options, metrics=plan)
-    except (ray_train.PlacementTimeout, ray_train.TrainingFailed, TrainingDiverged) as e:
-        log.error("%s", e)
-        return 1
-    print(f"done: {summary['kimg']:.3f} kimg, last checkpoint {summary['checkpoint']}")
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------------------
-# generate
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _add_generate(sub) -> None:
-    p = sub.add_parser(
-        "generate",
-        help="write images, a grid, or a morph from a checkpoint",
-        description="Sample a trained generator (its EMA weights) from seeds.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
-    p.add_argument("--seeds", type=_parse_seeds, default=_parse_seeds("0-15"), help="seeds, e.g. 0-15,42")
-    p.add_argument("--out", required=True, help="a .png (grid), a .gif (morph through the seeds) or a folder (one PNG per seed)")
-    p.add_argument("--truncation", type=float, default=1.0, help="truncation psi (1 = none, 0.7 = safer samples)")
-    p.add_argument("--class", dest="class_idx", type=int, default=None, help="class index for a conditional model")
-    p.add_argument("--noise", choices=["const", "random", "none"], default="const", help="noise mode")
-    p.add_argument("--cols", type=int, default=None, help="grid columns")
-    p.add_argument("--steps", type=int, default=24, help="morph frames between two seeds (.gif output)")
-    p.set_defaults(func=_cmd_generate)
-
-
-def _cmd_generate(args) -> int:
-    from styleray.models import sampling
-    from styleray.platform.checkpoint import load_generator
-
-    G, ckpt = load_generator(args.checkpoint)
-    out = args.out
-    if out.lower().endswith(".gif"):
-        frames = sampling.morph(G, args.seeds, steps=args.steps, truncation_psi=args.truncation, class_idx=args.class_idx)
-        pil = [sampling.to_pil(f) for f in frames]
-        pil[0].save(out, save_all=True, append_images=pil[1:], duration=40, loop=0)
-    else:
-        imgs = sampling.generate_images(
-            G, args.seeds, truncation_psi=args.truncation, class_idx=args.class_idx, noise_mode=args.noise
-        )
-        if out.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
-            sampling.to_pil(sampling.image_grid(imgs, cols=args.cols)).save(out)
-        else:
-            os.makedirs(out, exist_ok=True)
-            for seed, img in zip(args.seeds, imgs):
-                sampling.to_pil(img).save(os.path.join(out, f"seed{seed:06d}.png"))
-    print(f"wrote {out} from {ckpt.uri} ({ckpt.kimg:.1f} kimg)")
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------------------
-# demo
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _add_demo(sub) -> None:
-    from styleray.demo import DemoConfig as D  # light: standard library only at import
-
-    p = sub.add_parser(
-        "demo",
-        help="end to end on the built-in sample data, on a local Ray cluster",
-        description="On one local Ray cluster (2 CPUs): make raw sample images with backgrounds -> prepare them "
-        "(Ray Data, classic remover) -> train cpu-tiny (Ray Train, 2 CPU workers) -> serve it (Ray Serve on "
-        "127.0.0.1) -> fetch a sample grid PNG and a morph GIF over HTTP into --out; print the URLs of the web "
-        "page, the API docs and the Ray dashboard, and serve until Ctrl-C. Re-running resumes or skips done work.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--out", default=D.out, help="where raw images, data, run, grid.png and morph.gif go")
-    p.add_argument("--images", type=int, default=D.images, help="raw sample images to make")
-    p.add_argument("--resolution", type=int, default=D.resolution, help="training resolution (a power of two, 16..128)")
-    p.add_argument("--kimg", type=_positive_float, default=D.kimg, help="training length in kimg")
-    p.add_argument("--port", type=int, default=D.port, help="HTTP port of Ray Serve on 127.0.0.1 (0: any free port)")
-    p.add_argument("--raw-size", type=int, default=D.raw_size, help="longer side of the raw images in pixels")
-    p.add_argument("--no-wait", action="store_true", help="exit after fetching instead of serving until Ctrl-C")
-    p.set_defaults(func=_cmd_demo)
-
-
-def _cmd_demo(args) -> int:
-    from styleray.demo import DemoConfig, run_demo
-
-    return run_demo(DemoConfig(out=args.out, images=args.images, resolution=args.resolution, kimg=args.kimg,
-                               port=args.port, raw_size=args.raw_size, wait=not args.no_wait))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# prepare and serve: owned by the data-preparation and serving work; each registers itself in COMMANDS.
+# prepare
 # ---------------------------------------------------------------------------------------------------------
 
 
 def _add_prepare(sub) -> None:
-    from styleray.datasets.prepare_config import PrepareConfig as C  # light: standard library only
+    from styleray.datasets.prepare.config import PrepareConfig as C  # light: standard library only
 
     p = sub.add_parser(
         "prepare",
@@ -373,44 +131,76 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
-def _add_serve(sub) -> None:
+# ---------------------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _add_train(sub) -> None:
     p = sub.add_parser(
-        "serve",
-        help="serve a checkpoint over HTTP (Ray Serve): samples, morphs, style mixing, a web page",
-        description="Serve a checkpoint's EMA generator with Ray Serve: GET /v1/sample, POST /v1/samples, "
-        "GET /v1/morph, GET /v1/mix, GET /v1/info, POST /v1/reload, the latent explorer page at / and the "
-        "OpenAPI docs at /docs. Binds 127.0.0.1 unless --host says otherwise. When the environment variable "
-        "named by --api-key-env is set, every route needs that key (X-API-Key header); reload always does. "
-        "On a cluster, `serve deploy serve.yaml` runs the same application.",
+        "train",
+        help="train StyleGAN2-ADA on a prepared dataset (Ray Train)",
+        description="Train StyleGAN2-ADA on a prepared dataset (square PNGs + dataset.json, or Parquet) with Ray "
+        "Train: --workers processes (one per GPU with --gpus; gloo on CPU, NCCL on GPU). Attaches to the cluster "
+        "in RAY_ADDRESS (e.g. under `ray job submit`), else starts a local one. Writes checkpoints, metrics.jsonl, "
+        "sample grids and best.json to --out; restarts failed workers from the last checkpoint (--max-failures), "
+        "rolls back unstable training (--max-rollbacks), and --resume latest continues a stopped or finished run "
+        "to a new --kimg. --no-ray trains in this process instead (one worker, local data; notebooks, debugging).",
+    )
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML of train settings (these flags' names, e.g. lr_g: 0.002, at the top level or under "
+                        "train:); flags given as well win")
+    train_settings.add_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from styleray.platform.train.run import TrainingStopped, train
+
+    settings = train_settings.from_command_line(args, args.config)
+    try:
+        summary = train(settings)
+    except TrainingStopped as e:
+        log.error("%s", e)
+        return 1
+    print(f"done: {summary['kimg']:.3f} kimg, last checkpoint {summary['checkpoint']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generate, metrics
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="write images, a grid, or a morph from a checkpoint",
+        description="Sample a trained generator (its EMA weights) from seeds.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint); local or s3://")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port")
-    p.add_argument("--replicas", type=int, default=1, help="generator replicas (fixed)")
-    p.add_argument("--min-replicas", type=int, default=None, help="autoscale: lower bound (with --max-replicas)")
-    p.add_argument("--max-replicas", type=int, default=None, help="autoscale: upper bound (with --min-replicas)")
-    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per generator replica (0: CPU)")
-    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs reserved per generator replica")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch device of the replicas")
-    p.add_argument("--no-batching", action="store_true", help="one network call per single-image request")
-    p.add_argument("--max-batch-size", type=int, default=32, help="most single-image requests batched together")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
-    p.add_argument("--api-key-env", default="STYLERAY_API_KEY", help="environment variable holding the API key")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: attach to a running one or start one)")
-    p.add_argument("--route-prefix", default="/", help="URL prefix of the application")
-    p.set_defaults(func=_cmd_serve)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--seeds", type=_parse_seeds, default=None, help="seeds, e.g. 0-15,42 (default: 0-15 without --latents)")
+    p.add_argument("--latents", default=None, metavar="NPZ[,NPZ...]",
+                   help="projected images (projected_w.npz of styleray project), before the seeds")
+    p.add_argument("--out", required=True, help="a .png (grid), a .gif (morph through the seeds) or a folder (one PNG per seed)")
+    p.add_argument("--truncation", type=float, default=1.0, help="truncation psi (1 = none, 0.7 = safer samples)")
+    p.add_argument("--class", dest="class_idx", type=int, default=None, help="class index for a conditional model")
+    p.add_argument("--noise", choices=["const", "random", "none"], default="const", help="noise mode")
+    p.add_argument("--cols", type=int, default=None, help="grid columns")
+    p.add_argument("--steps", type=int, default=24, help="morph frames between two seeds (.gif output)")
+    p.set_defaults(func=_cmd_generate)
 
 
-def _cmd_serve(args) -> int:
-    from styleray.serve.cli_serve import run_serve
+def _cmd_generate(args) -> int:
+    from styleray.platform.generate import write_samples
 
-    return run_serve(args)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# metrics
-# ---------------------------------------------------------------------------------------------------------
+    latents = [p for p in args.latents.split(",") if p] if args.latents else []
+    seeds = args.seeds if args.seeds is not None else ([] if latents else _parse_seeds("0-15"))
+    ckpt = write_samples(args.checkpoint, seeds, args.out, truncation=args.truncation, class_idx=args.class_idx,
+                         noise_mode=args.noise, cols=args.cols, steps=args.steps, latents=latents)
+    print(f"wrote {args.out} from {ckpt.uri} ({ckpt.kimg:.1f} kimg)")
+    return 0
 
 
 def _add_metrics(sub) -> None:
@@ -442,42 +232,13 @@ def _add_metrics(sub) -> None:
 def _cmd_metrics(args) -> int:
     import json
 
-    import numpy as np
-    import torch
-    from PIL import Image
+    from styleray.platform.evaluate import EvaluateOptions, evaluate_checkpoint
 
-    from styleray.datasets.reader import list_image_files, load_image_folder, read_labels
-    from styleray.models import metrics
-    from styleray.platform.checkpoint import load_generator
-
-    names = metrics.parse_metrics(args.metrics)
-    if args.num_gen < 2:
-        raise ValueError(f"--num-gen {args.num_gen} must be >= 2")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    extractor = metrics.build_extractor(args.extractor, args.inception, device)  # fails fast without weights
-    G, ckpt = load_generator(args.checkpoint, device)
-    if not os.path.isdir(args.data) or not (files := list_image_files(args.data)):
-        raise ValueError(f"--data {args.data} is not a folder of images (run `styleray prepare` first)")
-    res, ch = G.img_resolution, G.img_channels
-    with Image.open(os.path.join(args.data, files[0])) as im:
-        if im.size != (res, res):
-            raise ValueError(
-                f"--data {args.data} holds {im.width}x{im.height} images but {ckpt.uri} generates {res}x{res}; "
-                f"metrics compare at the generator's resolution: prepare the data with --resolution {res}"
-            )
-    real = metrics.dataset_stats(
-        args.data, extractor, files=files, resolution=res, channels=ch, cache=not args.no_cache, batch_size=args.batch,
-        load_images=lambda: load_image_folder(args.data, resolution=res, use_labels=False, channels=ch).images,
-    )
-    labels = None
-    if G.c_dim > 0:
-        label_map, _ = read_labels(args.data)
-        labels = np.array([label_map[f] for f in files if f in label_map]) if label_map else None
-    result = metrics.evaluate_generator(
-        G, real, extractor, metrics=names, num_gen=args.num_gen, labels=labels, batch_size=args.batch,
-        kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, device=device,
-    )
-    result.update(checkpoint=ckpt.uri, kimg=ckpt.kimg, data=os.path.abspath(args.data))
+    result = evaluate_checkpoint(args.checkpoint, args.data, EvaluateOptions(
+        metrics=args.metrics, num_gen=args.num_gen, extractor=args.extractor, weights=args.inception,
+        batch=args.batch, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+        cache=not args.no_cache, device=args.device,
+    ))
     text = json.dumps(result, sort_keys=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -487,8 +248,230 @@ def _cmd_metrics(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# tune: Ray Tune sweeps over the Ray Train trainer (styleray.platform.tune)
+# project: real images into the latent space (styleray.platform.projection)
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _add_project(sub) -> None:
+    from styleray.platform.projection.options import ProjectOptions as O  # light: no torch, no Ray
+
+    p = sub.add_parser(
+        "project",
+        help="find the latents of real images (W or W+, optional pivotal tuning); a folder runs as a Ray job",
+        description="Project a target image into a checkpoint's latent space: the target is framed like prepare "
+        "frames training images (square, on white, at the model's resolution), then w is optimised from the mean "
+        "w (the reference projector's method: noise maps with their regulariser, learning-rate and noise ramps), "
+        "one w for every layer (--space w) or one per layer (w+). --pti-steps N then fine-tunes a copy of the "
+        "generator around that w (pivotal tuning) and writes it as a run folder (OUT/pti) that generate and serve "
+        "load. Writes projected_w.npz, target.png, reconstruction.png, side_by_side.png, progress.gif, curve.png "
+        "and summary.json. A folder, .zip or s3:// prefix of targets runs as a Ray job (Ray Data, one projection "
+        "per actor, OUT/<target>/ each; finished targets are skipped on a re-run) with summary.md/csv.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--target", required=True, metavar="IMAGE|FOLDER|S3",
+                   help="an image file, a folder (recursive), a .zip, or s3://bucket/prefix (or one s3 object)")
+    p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    p.add_argument("--steps", type=int, default=O.steps, help="optimisation steps")
+    p.add_argument("--space", choices=["w", "w+"], default=O.space, help="w: one w for every layer; w+: one per layer")
+    p.add_argument("--seed", type=int, default=O.seed, help="seed of the exploration noise and the noise maps")
+    p.add_argument("--distance", choices=["auto", "vgg16", "pixel-msssim"], default=O.distance,
+                   help="auto: vgg16 when its weights file is found, else pixel-msssim (pixel MSE + 1 - MS-SSIM)")
+    p.add_argument("--vgg16", default=None, metavar="PATH",
+                   help="torchvision's vgg16-397923af.pth (default: $STYLERAY_VGG16, then ~/.cache/styleray/)")
+    p.add_argument("--pti-steps", type=int, default=O.pti_steps, help="pivotal tuning steps after the search (0: none)")
+    p.add_argument("--frame", choices=["auto", "prepare", "resize"], default=O.frame,
+                   help="prepare: frame like prepare; resize: pad on white and resize; auto: resize when the "
+                        "image is square on white already")
+    p.add_argument("--class", dest="class_idx", type=int, default=None,
+                   help="a conditional model's class for the starting w (default: all classes)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="folder targets: projection actors (default: the cluster's CPUs)")
+    p.add_argument("--gpus", action="store_true", help="folder targets: one GPU per actor")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_project)
+
+
+def _cmd_project(args) -> int:
+    from styleray.platform.projection.options import ProjectOptions
+    from styleray.platform.projection.run import run_project
+
+    result = run_project(ProjectOptions(
+        checkpoint=args.checkpoint, target=args.target, out=args.out, steps=args.steps, space=args.space,
+        seed=args.seed, distance=args.distance, vgg16=args.vgg16, pti_steps=args.pti_steps, frame=args.frame,
+        class_idx=args.class_idx, device=args.device, workers=args.workers, gpus=args.gpus,
+        progress=not args.no_progress,
+    ))
+    if "single" in result:
+        s = result["single"]
+        pti = f", after pivotal tuning {s['pti_psnr']:.2f} dB (run {s['pti_run']})" if s.get("pti_steps") else ""
+        print(f"PSNR {s['psnr']:.2f} dB, {s['distance']} distance {s['distance_value']:.4f}{pti}; "
+              f"{s['seconds']:.1f} s; wrote {args.out}")
+        return 0
+    f = result["folder"]
+    print(f["table"], end="")
+    print(f"{f['counts']['projected']} projected, {f['counts']['done before']} done before, "
+          f"{f['counts']['failed']} failed in {f['seconds']:.1f} s; summary in {args.out}/summary.md")
+    return 1 if f["counts"]["failed"] else 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# import, export: other formats of the networks (styleray.platform.importer, styleray.platform.export)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _add_import(sub) -> None:
+    p = sub.add_parser(
+        "import",
+        help="an NVIDIA stylegan2-ada-pytorch network pickle -> a styleray run folder",
+        description="Read a network pickle written by NVIDIA's stylegan2-ada-pytorch (network-snapshot-*.pkl, or "
+        "its published pretrained models) without NVIDIA's code and without running anything stored in the "
+        "file, and write a run folder with one checkpoint (G, D, G_ema, the model configuration read from the "
+        "file, the augment strength if present). Prints the configuration and the parameter counts. Then "
+        "`styleray generate/serve/metrics --checkpoint RUN` use it, and `styleray train --init-from RUN` "
+        "fine-tunes from it. TensorFlow-era pickles must be converted first with NVIDIA's legacy.py; StyleGAN3 "
+        "pickles are not supported.",
+    )
+    p.add_argument("file", metavar="FILE.pkl", help="the network pickle (local or s3://)")
+    p.add_argument("--out", required=True, metavar="RUN", help="a new run folder (local or s3://)")
+    p.set_defaults(func=_cmd_import)
+
+
+def _cmd_import(args) -> int:
+    from styleray.platform.importer import describe, import_network
+
+    print(describe(import_network(args.file, args.out)))
+    return 0
+
+
+def _add_export(sub) -> None:
+    from styleray.models.interop.onnx_spec import CHECK_BATCHES, OPSET, TOLERANCE  # light: standard library only
+
+    p = sub.add_parser(
+        "export",
+        help="a checkpoint's generator -> ONNX (checked with onnxruntime)",
+        description=f"Export a checkpoint's EMA generator (mapping + synthesis) as ONNX, opset {OPSET} by default. "
+        "Inputs: z float32 [batch, z_dim], psi float32 [] (truncation; 1 = none) and, for a conditional model, c "
+        "float32 [batch, c_dim] (one-hot class); output: img float32 [batch, C, H, W] in about [-1, 1]. The batch "
+        "axis is dynamic (any size); the noise is constant (noise_mode const). Before the file is written, "
+        f"onnxruntime runs it at batch sizes {' and '.join(map(str, CHECK_BATCHES))} and its images must lie "
+        f"within --tolerance of PyTorch's (default {TOLERANCE:g}).",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--onnx", required=True, metavar="G.onnx", help="the ONNX file to write (local or s3://)")
+    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset version (default {OPSET})")
+    p.add_argument("--tolerance", type=_positive_float, default=TOLERANCE,
+                   help=f"largest |onnxruntime - PyTorch| allowed on the images (default {TOLERANCE:g})")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from styleray.platform.export import export_onnx
+
+    r = export_onnx(args.checkpoint, args.onnx, opset=args.opset, tolerance=args.tolerance)
+    print(f"wrote {r['onnx']} ({r['bytes'] / 2**20:.1f} MiB, opset {r['opset']}, inputs {', '.join(r['inputs'])}) "
+          f"from {r['checkpoint']}; onnxruntime vs PyTorch: max |diff| {r['max_abs_diff']:.2g} "
+          f"(tolerance {r['tolerance']:g})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# demo, serve
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _add_demo(sub) -> None:
+    from styleray.demo import DemoConfig as D  # light: standard library only at import
+
+    p = sub.add_parser(
+        "demo",
+        help="end to end on the built-in sample data, on a local Ray cluster",
+        description="On one local Ray cluster (2 CPUs): make raw sample images with backgrounds -> prepare them "
+        "(Ray Data, classic remover) -> train cpu-tiny (Ray Train, 2 CPU workers) -> serve it (Ray Serve on "
+        "127.0.0.1) -> fetch a sample grid PNG and a morph GIF over HTTP into --out; print the URLs of the web "
+        "page, the API docs and the Ray dashboard, and serve until Ctrl-C. Re-running resumes or skips done work.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", default=D.out, help="where raw images, data, run, grid.png and morph.gif go")
+    p.add_argument("--images", type=int, default=D.images, help="raw sample images to make")
+    p.add_argument("--resolution", type=int, default=D.resolution, help="training resolution (a power of two, 16..128)")
+    p.add_argument("--kimg", type=_positive_float, default=D.kimg, help="training length in kimg")
+    p.add_argument("--port", type=int, default=D.port, help="HTTP port of Ray Serve on 127.0.0.1 (0: any free port)")
+    p.add_argument("--raw-size", type=int, default=D.raw_size, help="longer side of the raw images in pixels")
+    p.add_argument("--no-wait", action="store_true", help="exit after fetching instead of serving until Ctrl-C")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from styleray.demo import DemoConfig, run_demo
+
+    return run_demo(DemoConfig(out=args.out, images=args.images, resolution=args.resolution, kimg=args.kimg,
+                               port=args.port, raw_size=args.raw_size, wait=not args.no_wait))
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a checkpoint over HTTP (Ray Serve): samples, morphs, style mixing, a web page",
+        description="Serve a checkpoint's EMA generator with Ray Serve: GET /v1/sample, POST /v1/samples, "
+        "GET /v1/morph, GET /v1/mix, GET /v1/info, POST /v1/reload, the latent explorer page at / and the "
+        "OpenAPI docs at /docs. Binds 127.0.0.1 unless --host says otherwise. When the environment variable "
+        "named by --api-key-env is set, every route needs that key (X-API-Key header); reload always does. "
+        "On a cluster, `serve deploy serve.yaml` runs the same application.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint); local or s3://")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--replicas", type=int, default=1, help="generator replicas (fixed)")
+    p.add_argument("--min-replicas", type=int, default=None, help="autoscale: lower bound (with --max-replicas)")
+    p.add_argument("--max-replicas", type=int, default=None, help="autoscale: upper bound (with --min-replicas)")
+    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per generator replica (0: CPU)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs reserved per generator replica")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch device of the replicas")
+    p.add_argument("--no-batching", action="store_true", help="one network call per single-image request")
+    p.add_argument("--max-batch-size", type=int, default=32, help="most single-image requests batched together")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    p.add_argument("--api-key-env", default="STYLERAY_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: attach to a running one or start one)")
+    p.add_argument("--route-prefix", default="/", help="URL prefix of the application")
+    g = p.add_argument_group("what reload may read (README: Security)")
+    g.add_argument("--reload-root", dest="reload_roots", action="append", default=argparse.SUPPRESS, metavar="PATH",
+                   help="a local folder reload may read under (repeatable; default: the served run's parent)")
+    g.add_argument("--reload-scheme", dest="reload_schemes", action="append", default=argparse.SUPPRESS, metavar="SCHEME",
+                   help="a URL scheme reload may read (repeatable; default: s3; http or ftp only if named)")
+    g.add_argument("--max-checkpoint-mb", type=float, default=argparse.SUPPRESS, help="largest state.pt a replica reads (default: 2048)")
+    g = p.add_argument_group("per-client limits (behind a reverse proxy: README, Security)")
+    g.add_argument("--max-header-kb", type=float, default=argparse.SUPPRESS, help="request headers over this get 431 (default: 16)")
+    g.add_argument("--body-timeout-s", type=float, default=argparse.SUPPRESS, help="a request body must arrive within this (default: 10)")
+    g.add_argument("--max-requests-per-client", type=int, default=argparse.SUPPRESS, help="429 beyond this many per address (default: 32)")
+    g.add_argument("--max-pending-bodies", type=int, default=argparse.SUPPRESS,
+                   help="503 beyond this many request bodies arriving at once, all clients together (default: 64)")
+    g.add_argument("--trusted-proxy", dest="trusted_proxies", action="append", default=argparse.SUPPRESS, metavar="ADDR",
+                   help="a reverse proxy (address or network) whose --client-ip-header names the client (repeatable)")
+    g.add_argument("--client-ip-header", default=argparse.SUPPRESS, help="the header trusted proxies set (default: X-Forwarded-For)")
+    g = p.add_argument_group("projections of uploaded images (POST /v1/projections)")
+    g.add_argument("--max-running-projections", type=int, default=argparse.SUPPRESS,
+                   help="projections running at once per replica; 429 with Retry-After beyond (default: 1)")
+    g.add_argument("--projections-kept", type=int, default=argparse.SUPPRESS,
+                   help="projections kept, the oldest finished evicted (default: 32)")
+    g.add_argument("--max-projection-steps", type=int, default=argparse.SUPPRESS,
+                   help="most optimisation steps one projection may ask for (default: 1000)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    from styleray.serve.cli_serve import run_serve
+
+    return run_serve(args)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tune: Ray Tune sweeps over Ray Train runs (styleray.platform.tune)
+# ---------------------------------------------------------------------------------------------------------
+
+TUNE_FIXED = ("preset", "kimg", "tick", "snap")  # train settings every trial shares, as flags of `tune`
 
 
 def _add_tune(sub) -> None:
@@ -515,11 +498,8 @@ def _add_tune(sub) -> None:
     p.add_argument("--cpus-per-worker", type=_positive_float, default=None, help="CPUs per worker (default 0.9 on CPU)")
     p.add_argument("--gpus", action="store_true", help="one GPU per worker")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: as many as fit)")
-    p.add_argument("--preset", default=None, help="train preset of every trial")
-    p.add_argument("--kimg", type=_positive_float, default=None, help="training length of every trial")
-    p.add_argument("--tick", type=_positive_float, default=None, help="tick length in kimg (a tick is a report)")
-    p.add_argument("--snap", type=int, default=None, help="checkpoint every this many ticks (measured ticks always)")
     p.add_argument("--train-config", default=None, metavar="FILE", help="YAML of fixed train settings (train --config)")
+    train_settings.add_arguments(p.add_argument_group("train settings of every trial"), only=TUNE_FIXED)
     p.add_argument("--metrics-every", type=int, default=1, help="measure the objective every this many ticks")
     p.add_argument("--metrics-num-gen", type=int, default=500, help="generated images per measurement")
     p.add_argument("--extractor", default=None, help="feature extractor for fid/kid (default inception-v3)")
@@ -534,32 +514,33 @@ def _add_tune(sub) -> None:
 
 
 def _cmd_tune(args) -> int:
-    from styleray.platform.tune import SweepConfig, run_sweep
+    from styleray.platform.tune.driver import SweepConfig, resume_sweep, run_sweep
 
     if args.resume:
-        given = [f"--{a.dest.replace('_', '-')}" for a in _subparser(build_parser(), "tune")._actions
-                 if a.dest not in ("help", "out", "resume") and getattr(args, a.dest) != a.default]
-        if given:
-            log.warning("--resume continues the sweep with its saved settings (sweep.json); ignoring %s", " ".join(given))
-        summary = run_sweep(SweepConfig(data="", out=args.out, space_file=""), resume=True)
+        defaults = vars(build_parser().parse_args(["tune", "--out", args.out, "--resume"]))
+        ignored = [train_settings.flag_of(k) for k, v in vars(args).items()
+                   if k != "verbose" and defaults.get(k, not v) != v]
+        if ignored:
+            log.warning("--resume continues the sweep with its saved settings (sweep.json); ignoring %s",
+                        " ".join(ignored))
+        summary = resume_sweep(args.out)
     else:
         if not args.data or not args.space:
             raise ValueError("--data and --space are required (unless --resume continues a sweep)")
-        base: list[str] = []
-        if args.train_config:
-            base += ["--config", os.path.abspath(args.train_config)]
-        for flag in ("preset", "kimg", "tick", "snap"):
-            if getattr(args, flag) is not None:
-                base += [f"--{flag}", str(getattr(args, flag))]
+        base = train_settings.load_file(args.train_config, "--train-config")[1] if args.train_config else {}
+        base.update(train_settings.given(args, only=TUNE_FIXED), data=args.data)
         summary = run_sweep(SweepConfig(
-            data=args.data, out=args.out, space_file=os.path.abspath(args.space), trials=args.trials,
-            scheduler=args.scheduler, search=args.search, metric=args.metric,
-            workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker, gpus=args.gpus,
-            max_concurrent=args.max_concurrent, base_flags=tuple(base), metrics_every=args.metrics_every,
-            num_gen=args.metrics_num_gen, extractor=args.extractor, inception=args.inception,
-            perturbation_interval=args.perturbation_interval, pbt_sync=args.pbt_sync, grace_period=args.grace_period,
-            seed=args.seed,
+            out=args.out, space_file=args.space, base=base, trials=args.trials, scheduler=args.scheduler,
+            search=args.search, metric=args.metric, workers_per_trial=args.workers_per_trial,
+            cpus_per_worker=args.cpus_per_worker, gpus=args.gpus, max_concurrent=args.max_concurrent,
+            metrics_every=args.metrics_every, num_gen=args.metrics_num_gen, extractor=args.extractor,
+            inception=args.inception, perturbation_interval=args.perturbation_interval, pbt_sync=args.pbt_sync,
+            grace_period=args.grace_period, seed=args.seed,
         ))
+    return _print_sweep(summary)
+
+
+def _print_sweep(summary: dict) -> int:
     best = summary.get("best")
     print(f"results: {summary['results_md']} ({len(summary['rows'])} trials)")
     if best is None:
@@ -575,14 +556,14 @@ def _cmd_tune(args) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class _QueueAddParser(argparse.ArgumentParser):
-    """`queue add` keeps every flag it does not know as a `styleray train` flag (checked when the request is
-    added, and recorded with the reason if it is bad)."""
+class _KeepUnknownFlags(argparse.ArgumentParser):
+    """A parser that keeps the flags it does not know in ``unknown_flags`` when the namespace asks for it
+    (``queue add``: an unknown train flag is recorded as the reason a request was rejected)."""
 
     def parse_known_args(self, args=None, namespace=None):
         ns, extras = super().parse_known_args(args, namespace)
-        if getattr(ns, "_train_passthrough", False):
-            ns.train_args, extras = extras, []
+        if getattr(ns, "keep_unknown_flags", False):
+            ns.unknown_flags, extras = extras, []
         return ns, extras
 
 
@@ -593,46 +574,64 @@ def _add_queue(sub) -> None:
         description="A durable queue of training requests (SQLite: --db, default $STYLERAY_QUEUE or "
         "~/.styleray/queue.db) that `styleray manager` runs on a Ray cluster as jobs, resuming interrupted ones.",
     )
-    qsub = p.add_subparsers(dest="queue_command", metavar="ACTION", required=True, parser_class=_QueueAddParser)
-    db = dict(default=None, help="queue database (default: $STYLERAY_QUEUE or ~/.styleray/queue.db)")
-    a = qsub.add_parser(
-        "add",
-        help="add a training request",
-        description="Add a request: --name plus the flags of `styleray train` (or --config FILE.yaml with them; "
-        "flags given here override the file's). It is checked now: bad flags or missing data are recorded "
-        "as a failed request with the reason.",
-        allow_abbrev=False,
-        usage="styleray queue add --name N [--priority P] [--config FILE.yaml] [TRAIN FLAGS: --data D --out O --kimg K ...]",
-    )
-    a.add_argument("--name", default=None, help="a short label for the request")
-    a.add_argument("--priority", type=int, default=None, help="higher runs first (default 0)")
-    a.add_argument("--config", default=None, metavar="FILE", help="YAML: train flags (and name, priority)")
-    a.add_argument("--max-attempts", type=int, default=None,
-                   help="fail after this many interrupted attempts in a row without a new checkpoint (default 5)")
-    a.add_argument("--no-check", action="store_true",
-                   help="do not read --data from here (data only the cluster sees); --kimg is then required")
-    a.add_argument("--db", **db)
-    a.set_defaults(_train_passthrough=True, train_args=[])
+    qsub = p.add_subparsers(dest="queue_command", metavar="ACTION", required=True, parser_class=_KeepUnknownFlags)
+    _add_queue_add(qsub)
     ls = qsub.add_parser("list", help="the requests, with progress bars", description="The queue, what the manager does.")
     ls.add_argument("--active", action="store_true", help="only requests that have not finished")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
-    ls.add_argument("--db", **db)
+    ls.add_argument("--db", default=None, help=DB_HELP)
     sh = qsub.add_parser("show", help="one request: attempts and events", description="A request's attempts and events.")
     sh.add_argument("id", type=int, help="request id")
-    sh.add_argument("--db", **db)
+    sh.add_argument("--db", default=None, help=DB_HELP)
     c = qsub.add_parser("cancel", help="cancel a request (and stop its Ray job)",
                         description="Cancel a request; its Ray job is stopped now with --address, else by the manager.")
     c.add_argument("id", type=int, help="request id")
     c.add_argument("--address", default=None, help="Jobs API, e.g. http://HEAD:8265: stop the job right away")
-    c.add_argument("--db", **db)
+    c.add_argument("--db", default=None, help=DB_HELP)
     p.set_defaults(func=_cmd_queue)
+
+
+def _add_queue_add(qsub) -> None:
+    a = qsub.add_parser(
+        "add",
+        help="add a training request",
+        description="Add a request: --name plus the settings of `styleray train`, as its flags and/or in --config "
+        "FILE.yaml (the train settings at the top level or under train:, with name, priority and max_attempts "
+        "beside them; flags given here win). It is checked now: bad settings or missing data are recorded as a "
+        "failed request with the reason.",
+        allow_abbrev=False,
+    )
+    a.add_argument("--name", default=None, help="a short label for the request")
+    a.add_argument("--priority", type=int, default=None, help="higher runs first (default 0)")
+    a.add_argument("--config", default=None, metavar="FILE", help="YAML: train settings (and name, priority)")
+    a.add_argument("--max-attempts", type=int, default=None,
+                   help="fail after this many interrupted attempts in a row without a new checkpoint (default 5)")
+    a.add_argument("--no-check", action="store_true",
+                   help="do not read --data from here (data only the cluster sees); --kimg is then required")
+    a.add_argument("--db", default=None, help=DB_HELP)
+    train_settings.add_arguments(a.add_argument_group("train settings (as for styleray train)"), convert_values=False)
+    a.set_defaults(keep_unknown_flags=True, unknown_flags=[])
 
 
 def _cmd_queue(args) -> int:
     from styleray.platform.manager import commands
 
-    return {"add": commands.queue_add, "list": commands.queue_list, "show": commands.queue_show,
-            "cancel": commands.queue_cancel}[args.queue_command](args)
+    if args.queue_command == "add":
+        file_fields, file_settings = train_settings.load_file(args.config) if args.config else ({}, {})
+        print(commands.queue_add(
+            args.db, {**file_settings, **train_settings.given(args)}, unknown_flags=args.unknown_flags,
+            name=args.name or file_fields.get("name"),
+            priority=args.priority if args.priority is not None else file_fields.get("priority", 0),
+            max_attempts=args.max_attempts if args.max_attempts is not None else file_fields.get("max_attempts", 5),
+            check_data=not args.no_check,
+        ))
+    elif args.queue_command == "list":
+        print(commands.queue_list(args.db, active_only=args.active, as_json=args.json))
+    elif args.queue_command == "show":
+        print(commands.queue_show(args.db, args.id))
+    else:
+        print(commands.queue_cancel(args.db, args.id, address=args.address))
+    return 0
 
 
 def _add_manager(sub) -> None:
@@ -648,7 +647,7 @@ def _add_manager(sub) -> None:
     )
     p.add_argument("--address", default=None,
                    help="Jobs API of the cluster, http://HEAD:8265 (default: Ray's, e.g. RAY_ADDRESS or inside a job)")
-    p.add_argument("--db", default=None, help="queue database (default: $STYLERAY_QUEUE or ~/.styleray/queue.db)")
+    p.add_argument("--db", default=None, help=DB_HELP)
     p.add_argument("--max-running", type=int, default=1, help="requests on the cluster at once")
     p.add_argument("--poll", type=_positive_float, default=30.0, help="seconds between rounds")
     p.add_argument("--backoff", type=float, default=30.0, help="seconds before resuming an interrupted request")
@@ -665,30 +664,17 @@ def _add_manager(sub) -> None:
 def _cmd_manager(args) -> int:
     from styleray.platform.manager.commands import run_manager
 
-    return run_manager(args)
+    return run_manager(
+        args.db, address=args.address, max_running=args.max_running, poll_s=args.poll, backoff_s=args.backoff,
+        backoff_max_s=args.backoff_max, once=args.once, ship_package=args.ship_package,
+        working_dir=args.working_dir, runtime_env_file=args.runtime_env, entrypoint_num_cpus=args.entrypoint_num_cpus,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 
-COMMANDS: list[Callable] = [_add_prepare, _add_train, _add_tune, _add_generate, _add_demo, _add_metrics, _add_serve,
-                            _add_queue, _add_manager]
-
-
-class _ConfigFileParser(argparse.ArgumentParser):
-    """A command's parser; one with ``expands_config_file`` set (train) first replaces ``--config FILE.yaml``
-    by the file's settings as flags, which the flags given explicitly override (styleray.config_file)."""
-
-    expands_config_file = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self.expands_config_file and args is not None and any(a == "--config" or a.startswith("--config=") for a in args):
-            from styleray.config_file import expand_args
-
-            try:
-                args = expand_args(list(args), self)
-            except ValueError as e:
-                self.error(str(e))
-        return super().parse_known_args(args, namespace)
+COMMANDS: list[Callable] = [_add_prepare, _add_train, _add_tune, _add_generate, _add_project, _add_demo, _add_metrics,
+                            _add_serve, _add_queue, _add_manager, _add_import, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -699,15 +685,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_ConfigFileParser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(sub)
     return parser
-
-
-def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return action.choices[command]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,6 +125,7 @@ class TrainConfig:
     unstable_ticks: int = 3  # Roll back after this many consecutive collapsed ticks (NaN/Inf losses: at once).
     collapse_d_loss: float = 0.05  # A tick is collapsed when the D loss is below this while the G loss climbs.
     max_rollbacks: int = 3  # Roll back to the last stable checkpoint at most this many times; 0 = never.
+    freeze_d: int = 0  # FreezeD: the discriminator's first this many layers (from the image) are not trained.
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -150,6 +151,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_rollbacks < 0:
             raise ValueError(f"--max-rollbacks {self.max_rollbacks} must be >= 0 (0 = stop at the first instability)")
+        if self.freeze_d < 0:
+            raise ValueError(f"--freeze-d {self.freeze_d} must be >= 0 (0 = train every discriminator layer)")
         if not self.collapse_d_loss >= 0:
             raise ValueError(f"collapse_d_loss {self.collapse_d_loss} must be >= 0 (0 = only NaN/Inf counts)")
         if not 0.0 <= self.style_mixing <= 1.0:
@@ -159,7 +162,7 @@ class TrainConfig:
         if self.augment not in ("ada", "fixed", "noaug"):
             raise ValueError(f"--augment {self.augment!r} must be one of ada, fixed, noaug")
         if self.augment_pipe not in AUGMENT_PIPES:
-            raise ValueError(f"--augment-pipe {self.augment_pipe!r} must be one of {', '.join(AUGMENT_PIPES)}")
+            raise ValueError(f"--augpipe {self.augment_pipe!r} must be one of {', '.join(AUGMENT_PIPES)}")
         if not 0.0 < self.ada_target < 1.0:
             raise ValueError(f"--target {self.ada_target} must lie in (0, 1) (the paper uses 0.6)")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -196,8 +199,10 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """A resolved training run: model + training schedule + where data and results live."""
+class RunSpec:
+    """A resolved training run: model + training schedule + where data and results live (written as
+    config.json into every run folder and checkpoint). Named apart from ``ray.train.RunConfig`` and
+    ``ray.tune.RunConfig`` on purpose."""
 
     model: ModelConfig
     train: TrainConfig
@@ -205,6 +210,7 @@ class RunConfig:
     data: str | None = None  # Prepared dataset: folder, zip or s3:// URI.
     out: str | None = None  # Run folder (checkpoints, metrics, grids): local path or s3:// URI.
     device: str = "cpu"  # torch device for single-process training.
+    init_from: str | None = None  # A new run starts from these weights (a checkpoint URI or an NVIDIA .pkl).
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -213,7 +219,7 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunSpec":
         train = dict(d["train"])
         train["betas"] = tuple(train.get("betas", (0.0, 0.99)))
         return cls(
@@ -223,6 +229,7 @@ class RunConfig:
             data=d.get("data"),
             out=d.get("out"),
             device=d.get("device", "cpu"),
+            init_from=d.get("init_from"),
         )
 
 
@@ -265,7 +272,7 @@ PRESETS: dict[str, PresetSpec] = {
     "paper512": PresetSpec("ADA paper, 512x512 datasets.", 8, 64, 8, 1.0, 0.0025, 0.5, 20.0, None, map=8),
     "paper1024": PresetSpec("ADA paper, 1024x1024 datasets.", 8, 32, 4, 1.0, 0.002, 2.0, 10.0, None, map=8),
     "cpu-tiny": PresetSpec(
-        "A few channels, for tests and the CPU demo (32-64 px; trains in minutes on 2 cores).",
+        "A few channels, for tests and the CPU demo (16-32 px; trains in minutes on 2 cores).",
         None, 16, 4, 2048 / 32768, 0.0025, 0.1, 1.0, 0.05, map=2,
         channel_max=64, z_dim=64, w_dim=64,
         extra_train={"tick_kimg": 0.5, "snap": 4, "ada_kimg": 20.0},
@@ -330,8 +337,20 @@ def resolve_preset(
     train_overrides = {k: v for k, v in (train_overrides or {}).items() if v is not None}
     batch = int(train_overrides.get("batch", spec.batch))
     batch_gpu = int(train_overrides.get("batch_gpu", default_batch_gpu(spec, batch, workers, "batch" in train_overrides)))
+    model_kwargs = _preset_model(spec, resolution, img_channels, c_dim, batch_gpu)
+    model_kwargs.update({k: v for k, v in (model_overrides or {}).items() if v is not None})
+    train_kwargs = {**_preset_train(spec, batch, workers, batch_gpu), **train_overrides}
+    if "betas" in train_kwargs:
+        train_kwargs["betas"] = tuple(train_kwargs["betas"])
+    model = ModelConfig(**model_kwargs)
+    train = TrainConfig(**train_kwargs)
+    check_mbstd_round(model, train, name)
+    return model, train
 
-    model_kwargs: dict[str, Any] = dict(
+
+def _preset_model(spec: PresetSpec, resolution: int, img_channels: int, c_dim: int, batch_gpu: int) -> dict[str, Any]:
+    """ModelConfig's arguments from a filled preset."""
+    return dict(
         resolution=resolution,
         img_channels=img_channels,
         c_dim=c_dim,
@@ -343,8 +362,11 @@ def resolve_preset(
         mbstd_group=min(spec.mbstd, max(batch_gpu, 1)),  # D groups min(group, round) samples anyway
         **dict(spec.extra_model),
     )
-    model_kwargs.update({k: v for k, v in (model_overrides or {}).items() if v is not None})
-    train_kwargs: dict[str, Any] = dict(
+
+
+def _preset_train(spec: PresetSpec, batch: int, workers: int, batch_gpu: int) -> dict[str, Any]:
+    """TrainConfig's arguments from a filled preset."""
+    return dict(
         batch=batch,
         workers=workers,
         batch_gpu=batch_gpu,
@@ -355,13 +377,6 @@ def resolve_preset(
         ema_rampup=spec.ramp,
         **dict(spec.extra_train),
     )
-    train_kwargs.update(train_overrides)
-    if "betas" in train_kwargs:
-        train_kwargs["betas"] = tuple(train_kwargs["betas"])
-    model = ModelConfig(**model_kwargs)
-    train = TrainConfig(**train_kwargs)
-    check_mbstd_round(model, train, name)
-    return model, train
 
 
 def check_mbstd_round(model: ModelConfig, train: TrainConfig, preset: str = "custom") -> None:

@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 
-from styleray.platform import storage
+from styleray import storage
 
 log = logging.getLogger(__name__)
 
@@ -198,32 +198,30 @@ def prepare(cfg: DemoConfig) -> str:
             f"cached; rejected: {report.rejections or 'none'}) -> {report.out}")
 
 
-def _run_config(cfg: DemoConfig):
-    from styleray.config import RunConfig, resolve_preset
+def _settings(cfg: DemoConfig):
+    from styleray.settings import TrainSettings
 
     tick = min(0.5, cfg.kimg / 4)  # the preset's tick, or at least four ticks on a short run
-    model, train = resolve_preset(PRESET, resolution=cfg.resolution, workers=WORKERS, train_overrides={
-        "kimg": cfg.kimg, "tick_kimg": tick, "mirror": True,
-    })
-    return RunConfig(model=model, train=train, preset=PRESET, data=os.path.abspath(cfg.data_dir),
-                     out=os.path.abspath(cfg.run_dir))
+    return TrainSettings(data=os.path.abspath(cfg.data_dir), out=os.path.abspath(cfg.run_dir), preset=PRESET,
+                         workers=WORKERS, kimg=cfg.kimg, tick=tick, mirror=True, max_failures=1,
+                         placement_timeout=120)
 
 
 def train(cfg: DemoConfig) -> str:
-    from styleray.datasets.ray_reader import inspect_dataset
+    from styleray.datasets.read.ray_data import inspect_dataset
     from styleray.platform import checkpoint as ckpt_lib
-    from styleray.platform import ray_train
+    from styleray.platform.train import ray_train
 
-    run = _run_config(cfg)
-    latest = ckpt_lib.load_latest(run.out)
+    settings = _settings(cfg)
+    latest = ckpt_lib.load_latest(settings.out)
     if latest is not None and latest.kimg >= cfg.kimg - 1e-6:
         return f"already trained to {latest.kimg:.1f} kimg ({latest.uri})"
     if latest is not None:
         say(f"continuing from {latest.name} at {latest.kimg:.1f} kimg")
-    data = inspect_dataset(run.data)
-    options = ray_train.RayOptions(max_failures=1, placement_timeout_s=120)
+    data = inspect_dataset(settings.data)
+    run = settings.resolve(data.resolution, data.channels, data.num_classes)
     with TrainingProgress(os.path.join(run.out, "metrics.jsonl"), cfg.kimg):
-        summary = ray_train.fit(run, data=data, resume="latest", options=options)
+        summary = ray_train.fit(run, data=data, resume="latest", options=ray_train.RayOptions.from_settings(settings))
     return f"trained to {summary['kimg']:.1f} kimg -> {summary['checkpoint']}"
 
 

@@ -1,7 +1,6 @@
-"""Metrics: Fréchet distance and KID against closed forms, cached dataset statistics, the missing-weights
-error, 2-rank feature gathering, and `styleray metrics` end to end. A tiny extractor stands in for Inception."""
+"""Metrics: Fréchet distance and KID against closed forms, dataset statistics, the missing-weights error and
+2-rank feature gathering. A tiny extractor stands in for Inception."""
 
-import json
 import os
 import socket
 
@@ -10,46 +9,22 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
-from PIL import Image
 
-from styleray import cli
-from styleray.config import ModelConfig, resolve_preset
-from styleray.datasets.reader import list_image_files, load_image_folder
+from styleray.config import ModelConfig
+from styleray.datasets.read.folder import list_image_files, load_image_folder
 from styleray.models import metrics
 from styleray.models.metrics import inception
 from styleray.models.networks import Generator
+from metrics_helpers import TINY, register_tiny, tiny_extractor_spec, write_dataset
 
-TINY = "test-tiny"
-
-
-class TinyExtractor(nn.Module):
-    """uint8 [N, C, H, W] -> [N, 16]; deterministic weights; counts its calls."""
-
-    calls = 0
-
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.conv = nn.Conv2d(3, 8, 3, stride=2)
-        self.fc = nn.Linear(8 * 4, 16)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-
-    def forward(self, images):
-        TinyExtractor.calls += 1
-        x = images.float() / 127.5 - 1
-        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        x = torch.tanh(self.conv(x))
-        x = nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)  # [N, 32]
-        return self.fc(x)
+CALLS: list = []  # one item per call of the tiny extractor's network
 
 
 @pytest.fixture(autouse=True)
 def tiny_extractor():
-    metrics.register_extractor(metrics.ExtractorSpec(TINY, lambda weights: TinyExtractor(), 16), replace=True)
+    unregister = register_tiny(TINY, CALLS)
     yield metrics.build_extractor(TINY)
-    metrics.EXTRACTORS.pop(TINY, None)
+    unregister()
 
 
 def tiny_generator(c_dim=0):
@@ -62,12 +37,6 @@ def tiny_generator(c_dim=0):
     return G
 
 
-def write_dataset(root, n=10, res=16, seed=0):
-    os.makedirs(root, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, [res, res, 3], dtype=np.uint8)).save(os.path.join(root, f"{i:06d}.png"))
-    return str(root)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -229,52 +198,12 @@ def test_unknown_extractor_lists_the_registered_ones():
     with pytest.raises(ValueError, match=f"choose one of inception-v3, pixels-8x8, {TINY}"):
         metrics.build_extractor("clip")
     with pytest.raises(ValueError, match="already registered"):
-        metrics.register_extractor(metrics.ExtractorSpec(TINY, lambda w: TinyExtractor(), 16))
+        metrics.register_extractor(tiny_extractor_spec(TINY))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Dataset statistics and their cache
 # ---------------------------------------------------------------------------------------------------------
-
-
-def test_dataset_stats_are_cached_and_the_key_follows_the_files(tmp_path, tiny_extractor):
-    root = write_dataset(tmp_path / "data", n=9)
-    loads = []
-
-    def stats():
-        files = list_image_files(root)
-
-        def load():
-            loads.append(1)
-            return load_image_folder(root, resolution=16).images
-
-        return metrics.dataset_stats(root, tiny_extractor, files=files, load_images=load, resolution=16, batch_size=4)
-
-    TinyExtractor.calls = 0
-    first = stats()
-    assert first.num == 9 and first.features.shape == (9, 16) and len(loads) == 1 and TinyExtractor.calls == 3
-    second = stats()
-    assert len(loads) == 1 and TinyExtractor.calls == 3  # from the cache: nothing loaded, nothing extracted
-    np.testing.assert_array_equal(first.features, second.features)
-    np.testing.assert_array_equal(first.sigma, second.sigma)
-    cache = tmp_path / "data" / ".styleray-stats"
-    assert [p.name for p in cache.iterdir()] == [os.path.basename(
-        metrics.stats_cache_path(root, list_image_files(root), TINY, 16))]  # no temporary files left
-    assert list_image_files(root) == [f"{i:06d}.png" for i in range(9)]  # the cache is invisible to the reader
-
-    Image.fromarray(np.zeros([16, 16, 3], np.uint8)).save(tmp_path / "data" / "000003.png")  # a changed file
-    st = os.stat(tmp_path / "data" / "000003.png")
-    os.utime(tmp_path / "data" / "000003.png", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    third = stats()
-    assert len(loads) == 2 and not np.array_equal(third.features[3], first.features[3])
-    write_dataset(tmp_path / "more", n=1)
-    os.rename(tmp_path / "more" / "000000.png", tmp_path / "data" / "000099.png")  # an added file
-    assert stats().num == 10 and len(loads) == 3
-    assert len(list(cache.iterdir())) == 3
-    # A different resolution or extractor is another key.
-    assert metrics.stats_cache_path(root, list_image_files(root), TINY, 32) != metrics.stats_cache_path(
-        root, list_image_files(root), TINY, 16
-    )
 
 
 def test_dataset_stats_check_the_loaded_images(tmp_path, tiny_extractor):
@@ -328,7 +257,7 @@ def _rank_worker(rank, world, port, out_dir, G_state, images):
     try:
         G = tiny_generator()
         G.load_state_dict(G_state)
-        ex = metrics.Extractor(TINY, TinyExtractor().eval(), 16)
+        ex = metrics.Extractor(TINY, tiny_extractor_spec(TINY).build(None).eval(), 16)
         gen = metrics.generator_features(G, ex, 7, batch_size=2, rank=rank, world_size=world)
         data = metrics.extract_features(images, ex, batch_size=2, rank=rank, world_size=world)
         np.savez(os.path.join(out_dir, f"rank{rank}.npz"), gen=gen, data=data)
@@ -350,58 +279,3 @@ def test_two_gloo_ranks_gather_what_one_process_computes(tmp_path, tiny_extracto
     assert metrics.compare_stats(real, metrics.FeatureStats(got["gen"], TINY), ("fid",))["fid"] == pytest.approx(
         metrics.compare_stats(real, metrics.FeatureStats(gen, TINY), ("fid",))["fid"], rel=1e-6
     )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# styleray metrics
-# ---------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from styleray.models.training import StyleGAN2Trainer
-    from styleray.platform.checkpoint import save_checkpoint
-
-    model, train = resolve_preset("cpu-tiny", resolution=16, train_overrides={"batch": 4})
-    tr = StyleGAN2Trainer(model, train)
-    d = tmp_path_factory.mktemp("run")
-    save_checkpoint(str(d), tr.state_dict(), config={}, meta={"cur_nimg": 0, "kimg": 0.0, "tick": 0})
-    return str(d)
-
-
-def test_cli_metrics_end_to_end(checkpoint, tmp_path, capsys):
-    data = write_dataset(tmp_path / "data", n=10)
-    argv = ["metrics", "--checkpoint", checkpoint, "--data", data, "--extractor", TINY, "--num-gen", "12",
-            "--batch", "4", "--kid-subsets", "5", "--kid-subset-size", "8", "--device", "cpu"]
-    assert cli.main(argv + ["--json", str(tmp_path / "m.json")]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out == json.loads((tmp_path / "m.json").read_text())
-    assert out["extractor"] == TINY and out["num_gen"] == 12 and out["num_real"] == 10
-    assert out["fid"] > 0 and np.isfinite(out["kid"]) and out["diversity_ratio"] > 0
-    assert len(os.listdir(tmp_path / "data" / ".styleray-stats")) == 1
-
-    TinyExtractor.calls = 0
-    assert cli.main(argv + ["--metrics", "fid"]) == 0  # dataset statistics from the cache
-    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert TinyExtractor.calls == 3 and "kid" not in again  # 12 generated images in batches of 4, no data
-    assert again["fid"] == pytest.approx(out["fid"], rel=1e-9)
-
-
-def test_cli_metrics_errors_exit_2_with_the_fix(checkpoint, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv(inception.INCEPTION_ENV, raising=False)
-    data = write_dataset(tmp_path / "data", n=2)
-    cases = [
-        ([], metrics.INCEPTION_FILE),  # the default extractor, without its weights
-        (["--extractor", TINY, "--metrics", "fid,is"], "choose from fid, kid"),
-        (["--extractor", "nope"], "is not registered"),
-    ]
-    for extra, message in cases:
-        with pytest.raises(SystemExit) as e:
-            cli.main(["metrics", "--checkpoint", checkpoint, "--data", data, "--num-gen", "4", *extra])
-        assert e.value.code == 2
-        assert message in capsys.readouterr().err
-    big = write_dataset(tmp_path / "big", n=2, res=32)
-    with pytest.raises(SystemExit):
-        cli.main(["metrics", "--checkpoint", checkpoint, "--data", big, "--extractor", TINY, "--num-gen", "4"])
-    assert "prepare the data with --resolution 16" in capsys.readouterr().err

@@ -69,6 +69,18 @@ def test_morph_frame_count_and_endpoints(G, space):
     assert d_step < d_ends
 
 
+@pytest.mark.parametrize("space", ["w", "z"])
+def test_morph_in_chunks_equals_the_whole(G, space):
+    """A server synthesizes a morph's frames in CHUNK-row pieces, interleaved with other work: same bytes."""
+    whole = sampling.morph(G, [3, 17, 42], steps=9, space=space, noise_mode="none")
+    ws = sampling.morph_ws(G, [3, 17, 42], steps=9, space=space)
+    parts = [sampling.synthesize(G, ws[i : i + sampling.CHUNK], noise_mode="none") for i in range(0, len(ws), sampling.CHUNK)]
+    assert len(parts) == 3  # 19 frames: 8 + 8 + 3
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    with pytest.raises(ValueError, match="noise_mode const or none"):
+        sampling.morph(G, [1, 2], noise_mode="random")
+
+
 def test_slerp_keeps_endpoints_and_interpolates_angle():
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
     assert torch.equal(sampling.slerp(a, b, 0.0), a) and torch.equal(sampling.slerp(a, b, 1.0), b)
@@ -89,6 +101,8 @@ def test_style_mix_grid(G):
     assert not np.array_equal(coarse[1, 1], singles[0]) and not np.array_equal(coarse[1, 1], singles[2])
     with pytest.raises(ValueError, match="out of range"):
         sampling.style_mix(G, [1], [2], layers=[99])
+    with pytest.raises(ValueError, match="noise_mode const or none"):  # random noise is seeded per sample
+        sampling.style_mix(G, [1], [2], noise_mode="random")
 
 
 def test_class_validation(G):

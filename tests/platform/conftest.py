@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 
 import pytest
 
-from styleray.config import RunConfig, resolve_preset
-from styleray.datasets.synthetic import make_clean_training_set
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> str:
-    """64 figures at 16 px with framing labels (2 classes)."""
-    return str(make_clean_training_set(tmp_path_factory.mktemp("data") / "tiny16", n=64, resolution=16, seed=0))
+from styleray.config import RunSpec, resolve_preset
 
 
 @pytest.fixture(scope="session")
 def tiny_run():
-    """RunConfig factory: cpu-tiny at 16 px, batch 8, ticks of 32 images (4 steps with 2 workers)."""
+    """RunSpec factory: cpu-tiny at 16 px, batch 8, ticks of 32 images (4 steps with 2 workers)."""
 
     def make(data, out, *, workers: int = 2, kimg: float = 0.096, tick: float = 0.032, snap: int = 1,
-             batch: int = 8, cond: bool = False, **train) -> RunConfig:
+             batch: int = 8, cond: bool = False, **train) -> RunSpec:
         model, cfg = resolve_preset(
             "cpu-tiny",
             resolution=16,
@@ -31,7 +22,7 @@ def tiny_run():
             c_dim=2 if cond else 0,
             train_overrides=dict(batch=batch, kimg=kimg, tick_kimg=tick, snap=snap, **train),
         )
-        return RunConfig(model=model, train=cfg, preset="cpu-tiny", data=str(data), out=str(out))
+        return RunSpec(model=model, train=cfg, preset="cpu-tiny", data=str(data), out=str(out))
 
     return make
 
@@ -90,25 +81,3 @@ def _no_process_group():
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def read_metrics(run_dir) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-@pytest.fixture(scope="session")
-def helpers():
-    """Small helpers shared by the test modules (tests/ has no __init__.py to import them from)."""
-
-    class H:
-        port = staticmethod(free_port)
-        metrics = staticmethod(read_metrics)
-
-    return H

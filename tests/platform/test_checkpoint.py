@@ -10,10 +10,10 @@ import os
 import pytest
 import torch
 
-from styleray.datasets.reader import BatchSampler, load_image_folder
+from styleray.datasets.read.folder import BatchSampler, load_image_folder
 from styleray.platform import checkpoint as ckpt_lib
-from styleray.platform import ray_train
-from styleray.platform.loop import LoopHooks, run_training
+from styleray.platform.train import ray_train
+from styleray.platform.train.loop import LoopHooks, run_training
 
 
 def _save(run_dir, nimg: int) -> str:

@@ -49,6 +49,40 @@ def test_missing_checkpoint_exits_2_before_starting_ray(tmp_path, capsys):
     assert "--checkpoint:" in capsys.readouterr().err
 
 
+def test_flags_for_the_new_serve_args_map_onto_them(tmp_path):
+    """The reload and HTTP-limit settings are ServeArgs fields; a `serve` flag whose dest is the field's name
+    reaches them (lists from action="append"), and a bad value is reported under the flag's name."""
+    import argparse
+
+    from styleray.serve.cli_serve import serve_args_from_flags
+
+    base = dict(checkpoint="runs/r1", device="auto", replicas=1, min_replicas=None, max_replicas=None,
+                gpus_per_replica=0.0, cpus_per_replica=1.0, no_batching=False, max_batch_size=32, batch_wait_ms=5.0,
+                api_key_env="STYLERAY_API_KEY")
+    args = serve_args_from_flags(argparse.Namespace(**base, reload_roots=["/data/runs"], trusted_proxies=["10.0.0.1"],
+                                                    body_timeout_s=3.0, max_requests_per_client=None))
+    assert args.reload_roots == ("/data/runs",) and args.trusted_proxies == ("10.0.0.1",) and args.body_timeout_s == 3
+    assert args.max_requests_per_client == 32 and os.path.isabs(args.checkpoint)  # None: the default
+    with pytest.raises(ValueError, match="^--trusted-proxy 'nope' is not an IP address"):
+        serve_args_from_flags(argparse.Namespace(**base, trusted_proxies=["nope"]))
+    with pytest.raises(ValueError, match="^--reload-scheme 'file' is not a URL scheme"):
+        serve_args_from_flags(argparse.Namespace(**base, reload_schemes=["file"]))
+    parsed = cli.build_parser().parse_args([
+        "serve", "--checkpoint", "runs/r1", "--reload-root", "/a", "--reload-root", "/b", "--reload-scheme", "gs",
+        "--max-header-kb", "8", "--trusted-proxy", "10.0.0.0/8", "--client-ip-header", "X-Real-IP"])
+    args = serve_args_from_flags(parsed)  # the command's own flags reach the same fields
+    assert args.reload_roots == ("/a", "/b") and args.reload_schemes == ("gs",) and args.max_header_kb == 8
+    assert args.trusted_proxies == ("10.0.0.0/8",) and args.client_ip_header == "X-Real-IP"
+    assert args.body_timeout_s == 10 and args.max_checkpoint_mb == 2048  # flags not given: the defaults
+    parsed = cli.build_parser().parse_args(["serve", "--checkpoint", "runs/r1", "--max-running-projections", "2",
+                                            "--projections-kept", "5", "--max-projection-steps", "300"])
+    args = serve_args_from_flags(parsed)
+    assert (args.max_running_projections, args.projections_kept, args.max_projection_steps) == (2, 5, 300)
+    with pytest.raises(ValueError, match="^--max-projection-steps"):
+        serve_args_from_flags(cli.build_parser().parse_args(
+            ["serve", "--checkpoint", "runs/r1", "--max-projection-steps", "99999"]))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_serve_command_serves_until_interrupted(tmp_path):

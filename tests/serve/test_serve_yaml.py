@@ -30,8 +30,8 @@ def test_builder_accepts_args_and_builds_the_graph(config):
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
     from styleray.serve.args import ServeArgs
-    from styleray.serve.generator import Generator
     from styleray.serve.registry import CheckpointRegistry
+    from styleray.serve.sampler import SamplerDeployment
 
     spec = config["applications"][0]
     builder = import_attr(spec["import_path"])
@@ -39,7 +39,7 @@ def test_builder_accepts_args_and_builds_the_graph(config):
     assert isinstance(app, Application)
     args = ServeArgs.model_validate(spec["args"])
     assert args.autoscaling == {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16.0}
-    names = {"Ingress", Generator.name, CheckpointRegistry.name}
+    names = {"Ingress", SamplerDeployment.name, CheckpointRegistry.name}
     assert {d["name"] for d in spec.get("deployments", [])} <= names  # overrides name real deployments
     with pytest.raises(Exception, match="bogus"):
         call_user_app_builder_with_args_if_necessary(builder, {**spec["args"], "bogus": 1})

@@ -14,16 +14,18 @@ Two uses:
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from styleray import storage
 
 logger = logging.getLogger(__name__)
 
@@ -443,15 +445,13 @@ def render_figure(index: int, *, size: int = 128, seed: int = 0, background: str
 
 
 def _atomic_save(image: Image.Image, path: Path, fmt: str, **params) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format=fmt, **params)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **params)
+    storage.write_bytes(str(path), buf.getvalue())
 
 
 def _atomic_write_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    storage.write_bytes(str(path), (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _progress(items: Iterable[int], enabled: bool, desc: str, total: int) -> Iterable[int]:

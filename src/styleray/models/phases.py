@@ -15,14 +15,28 @@ k per-round means, like the reference (Adam's update does not depend on that sca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 
+from styleray.config import TrainConfig
 from styleray.models import loss as L
 
-if TYPE_CHECKING:
-    from styleray.models.training import StyleGAN2Trainer
+
+class Trainer(Protocol):
+    """What a phase uses of the trainer (training.StyleGAN2Trainer)."""
+
+    cfg: TrainConfig
+    pl_mean: torch.Tensor  # [] this worker's running mean of path lengths, updated in place
+
+    def run_G(self, z: torch.Tensor, c: torch.Tensor | None, main: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+    def run_D(self, img: torch.Tensor, c: torch.Tensor | None, main: bool = False) -> torch.Tensor:
+        ...
+
+    def count_real_logits(self, logits: torch.Tensor) -> None:
+        ...
 
 
 @dataclass(frozen=True)
@@ -50,7 +64,7 @@ class Phase:
     def is_due(self, batch_idx: int) -> bool:
         return batch_idx % self.interval == 0
 
-    def accumulate(self, trainer: StyleGAN2Trainer, rnd: Round, gain: int) -> dict[str, torch.Tensor]:
+    def accumulate(self, trainer: Trainer, rnd: Round, gain: int) -> dict[str, torch.Tensor]:
         """Backward of one round's loss times ``gain``; returns the round's statistics (detached scalars)."""
         raise NotImplementedError
 

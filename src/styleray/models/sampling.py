@@ -178,6 +178,40 @@ def morph_schedule(num_seeds: int, steps: int, loop: bool = False) -> list[tuple
 
 
 @torch.no_grad()
+def morph_ws(
+    G: Generator,
+    seeds: Sequence[int],
+    steps: int = 30,
+    space: str = "w",
+    loop: bool = False,
+    truncation_psi: float = 1.0,
+    class_idx: int | None = None,
+) -> torch.Tensor:
+    """The w of every frame of a morph through the seeds: [F, num_ws, w_dim] (see ``morph``)."""
+    if space not in ("w", "z"):
+        raise ValueError(f"space {space!r} must be 'w' or 'z'")
+    schedule = morph_schedule(len(seeds), steps, loop)
+    device = next(G.parameters()).device
+    if space == "w":
+        return lerp_frames(seeds_to_ws(G, seeds, truncation_psi, class_idx=class_idx), steps, loop)
+    z = seeds_to_z(seeds, G.z_dim, device)
+    zs = torch.stack([slerp(z[i], z[j], t) for i, j, t in schedule])
+    c = class_labels(G, class_idx, len(schedule), device)
+    return _mapping(G, zs, c, truncation_psi)
+
+
+def lerp_frames(
+    ws: torch.Tensor,  # [S, num_ws, w_dim]: any latents (seeds' ws, projected images' latents), S >= 2
+    steps: int = 30,
+    loop: bool = False,
+) -> torch.Tensor:
+    """The w of every frame of a morph linear in W through the given latents: [F, num_ws, w_dim], the
+    endpoints exactly the latents."""
+    schedule = morph_schedule(ws.shape[0], steps, loop)
+    return torch.stack([ws[i].lerp(ws[j], t) if t not in (0.0, 1.0) else ws[i if t == 0 else j] for i, j, t in schedule])
+
+
+@torch.no_grad()
 def morph(
     G: Generator,
     seeds: Sequence[int],
@@ -192,23 +226,64 @@ def morph(
     """Frames morphing through the seeds: linear in W, spherical in Z. [F, H, W, C] uint8.
 
     Frame count is ``(len(seeds) - 1) * steps + 1`` (``len(seeds) * steps`` when looping); the first and last
-    frames are exactly the samples of the first and last seeds.
+    frames are exactly the samples of the first and last seeds. The frames of ``synthesize`` over slices of
+    ``morph_ws`` that start at multiples of ``CHUNK`` are the same bytes (how a server interleaves them).
     """
-    if space not in ("w", "z"):
-        raise ValueError(f"space {space!r} must be 'w' or 'z'")
-    if noise_mode == "random":
-        raise ValueError("morphs use noise_mode const or none (random noise would flicker between frames)")
-    schedule = morph_schedule(len(seeds), steps, loop)
-    device = next(G.parameters()).device
-    if space == "w":
-        ws = seeds_to_ws(G, seeds, truncation_psi, class_idx=class_idx)  # [S, num_ws, w_dim]
-        frames_ws = torch.stack([ws[i].lerp(ws[j], t) if t not in (0.0, 1.0) else ws[i if t == 0 else j] for i, j, t in schedule])
-    else:
-        z = seeds_to_z(seeds, G.z_dim, device)
-        zs = torch.stack([slerp(z[i], z[j], t) for i, j, t in schedule])
-        c = class_labels(G, class_idx, len(schedule), device)
-        frames_ws = _mapping(G, zs, c, truncation_psi)
+    check_frame_noise(noise_mode)
+    frames_ws = morph_ws(G, seeds, steps, space, loop, truncation_psi, class_idx)
     return synthesize(G, frames_ws, None, noise_mode, batch_size)
+
+
+def check_frame_noise(noise_mode: str) -> None:
+    """Morphs and style-mixing grids use const or no noise: random noise is seeded per sample, and their
+    frames and cells are not samples of one seed."""
+    if noise_mode == "random":
+        raise ValueError("morphs and style mixing use noise_mode const or none (random noise is seeded per sample)")
+
+
+@torch.no_grad()
+def style_mix_ws(
+    G: Generator,
+    row_seeds: Sequence[int],
+    col_seeds: Sequence[int],
+    layers: Sequence[int] | None = None,
+    truncation_psi: float = 1.0,
+    class_idx: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ws of the row seeds then the column seeds [R + C, num_ws, w_dim], mixed ws [R * C, num_ws, w_dim])."""
+    _check_layers(G.num_ws, layers)  # before the mapping runs
+    ws = seeds_to_ws(G, list(row_seeds) + list(col_seeds), truncation_psi, class_idx=class_idx)
+    return ws, mix_latents(ws[: len(row_seeds)], ws[len(row_seeds) :], layers)
+
+
+def _check_layers(num_ws: int, layers: Sequence[int] | None) -> None:
+    bad = [int(i) for i in layers or () if not 0 <= int(i) < num_ws]
+    if bad:
+        raise ValueError(f"layers {bad} out of range [0, {num_ws - 1}]")
+
+
+def mix_latents(
+    row_ws: torch.Tensor,  # [R, num_ws, w_dim]: any latents (seeds' ws, projected images' latents)
+    col_ws: torch.Tensor,  # [C, num_ws, w_dim]
+    layers: Sequence[int] | None = None,  # from the column latents; None: the coarse layers 0-5
+) -> torch.Tensor:
+    """The mixed ws of a style-mixing grid, row-major: [R * C, num_ws, w_dim]."""
+    num_ws = row_ws.shape[1]
+    layers = list(range(min(6, num_ws))) if layers is None else [int(i) for i in layers]
+    _check_layers(num_ws, layers)
+    mixed = row_ws[:, None].repeat(1, col_ws.shape[0], 1, 1)  # [R, C, num_ws, w_dim]
+    mixed[:, :, layers] = col_ws[None][:, :, layers]
+    return mixed.flatten(0, 1)
+
+
+def style_mix_grid(singles: np.ndarray, cells: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Assemble [rows + 1, cols + 1, H, W, C]: white corner, column seeds on top, row seeds at the left."""
+    h, w, ch = singles.shape[1:]
+    grid = np.full([rows + 1, cols + 1, h, w, ch], 255, np.uint8)
+    grid[0, 1:] = singles[rows:]
+    grid[1:, 0] = singles[:rows]
+    grid[1:, 1:] = cells.reshape(rows, cols, h, w, ch)
+    return grid
 
 
 @torch.no_grad()
@@ -227,23 +302,11 @@ def style_mix(
     the row seed's w everywhere except ``layers`` (default: the coarse layers 0-5), which come from the
     column seed.
     """
-    layers = list(range(min(6, G.num_ws))) if layers is None else [int(i) for i in layers]
-    bad = [i for i in layers if not 0 <= i < G.num_ws]
-    if bad:
-        raise ValueError(f"layers {bad} out of range [0, {G.num_ws - 1}]")
-    all_seeds = list(row_seeds) + list(col_seeds)
-    ws = seeds_to_ws(G, all_seeds, truncation_psi, class_idx=class_idx)
-    row_ws, col_ws = ws[: len(row_seeds)], ws[len(row_seeds) :]
-    mixed = row_ws[:, None].repeat(1, len(col_seeds), 1, 1)  # [R, C, num_ws, w_dim]
-    mixed[:, :, layers] = col_ws[None][:, :, layers]
+    check_frame_noise(noise_mode)
+    ws, mixed = style_mix_ws(G, row_seeds, col_seeds, layers, truncation_psi, class_idx)
     singles = synthesize(G, ws, noise_mode=noise_mode)
-    cells = synthesize(G, mixed.flatten(0, 1), noise_mode=noise_mode)
-    h, w, ch = singles.shape[1:]
-    grid = np.full([len(row_seeds) + 1, len(col_seeds) + 1, h, w, ch], 255, np.uint8)
-    grid[0, 1:] = singles[len(row_seeds) :]
-    grid[1:, 0] = singles[: len(row_seeds)]
-    grid[1:, 1:] = cells.reshape(len(row_seeds), len(col_seeds), h, w, ch)
-    return grid
+    cells = synthesize(G, mixed, noise_mode=noise_mode)
+    return style_mix_grid(singles, cells, len(row_seeds), len(col_seeds))
 
 
 def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 0, pad_value: int = 255) -> np.ndarray:

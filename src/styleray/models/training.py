@@ -32,6 +32,7 @@ from styleray.models.augment import AugmentPipe
 from styleray.models.networks import Discriminator, Generator, requires_grad
 from styleray.models.phases import DiscriminatorMain, DiscriminatorR1, GeneratorMain, GeneratorPathLength, Phase, Round
 from styleray.models.step_scope import RandomStreams, seeded_cpu, tf32_allowed
+from styleray.models.transfer import freeze_discriminator_layers
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class StyleGAN2Trainer:
         with seeded_cpu(self.cfg.seed):
             self.G = Generator(self.model_cfg).to(self.device, memory_format=self.memory_format).train()
             self.D = Discriminator(self.model_cfg).to(self.device, memory_format=self.memory_format).train()
+        freeze_discriminator_layers(self.D, self.cfg.freeze_d)  # FreezeD (--freeze-d): before the optimizer
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         # The networks as the main phases call them: compiled if asked. The regularisation phases take double
         # backward, which compiled graphs do not support, so they always call the eager modules.

@@ -3,7 +3,7 @@
     RUN/checkpoints/ckpt-000000012800/      (images seen, zero-padded: names sort by progress)
         state.pt      trainer state: G, D, G_ema, optimizers, ADA, pl_mean, counters, RNG (torch.save of
                       tensors and plain containers only; loaded with weights_only=True, no pickled code)
-        config.json   the resolved RunConfig
+        config.json   the resolved RunSpec
         grid.png      samples of G_ema at fixed seeds (optional)
         meta.json     written last: kimg, tick, metrics, stable, and the SHA-256 of state.pt
     RUN/best.json                           which checkpoint is the best stable one (pruning keeps it)
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from styleray.platform import storage
+from styleray import storage
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class CheckpointError(ValueError):
 class Checkpoint:
     uri: str  # the checkpoint folder
     state: dict[str, Any]  # trainer state_dict (tensors on CPU)
-    config: dict[str, Any]  # RunConfig.to_dict()
+    config: dict[str, Any]  # RunSpec.to_dict()
     meta: dict[str, Any]  # kimg, tick, metrics, ...
 
     @property

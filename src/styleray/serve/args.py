@@ -6,9 +6,17 @@ Messages name the field and the fix, like the rest of styleray's configs.
 
 from __future__ import annotations
 
-from typing import Literal
+import ipaddress
+import re
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from styleray.serve.projections import PROJECTION_STEPS_MAX
+
+if TYPE_CHECKING:
+    from styleray.serve.limits import HttpLimits
+    from styleray.serve.sources import SourcePolicy
 
 DEFAULT_API_KEY_ENV = "STYLERAY_API_KEY"
 
@@ -25,22 +33,70 @@ class ServeArgs(BaseModel):
         "auto", description="auto: cuda when the replica has a GPU, else cpu"
     )
     # replicas and resources
-    replicas: int = Field(1, ge=1, description="replicas of the generator when not autoscaling")
+    replicas: int = Field(1, ge=1, description="sampler replicas when not autoscaling")
     min_replicas: int | None = Field(None, ge=0, description="autoscaling lower bound (set both bounds to autoscale)")
     max_replicas: int | None = Field(None, ge=1, description="autoscaling upper bound")
     target_ongoing_requests: float = Field(16.0, gt=0, description="autoscaling target per replica")
-    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs reserved by each generator replica")
-    cpus_per_replica: float = Field(1.0, ge=0, description="CPUs reserved by each generator replica")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs reserved by each sampler replica")
+    cpus_per_replica: float = Field(1.0, ge=0, description="CPUs reserved by each sampler replica")
     ingress_cpus: float = Field(0.1, ge=0, description="CPUs reserved by the HTTP ingress replica")
     # batching
     batching: bool = Field(True, description="batch single-image requests across clients (@serve.batch)")
     max_batch_size: int = Field(32, ge=1, le=256, description="most single-image requests in one batch")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="longest wait for a batch to fill")
-    max_ongoing_requests: int = Field(256, ge=1, description="requests in flight per generator replica")
+    max_ongoing_requests: int = Field(256, ge=1, description="requests in flight per sampler replica")
     # security and reload
     api_key: SecretStr | None = Field(None, description="required in X-API-Key on every route when set")
     api_key_env: str = Field(DEFAULT_API_KEY_ENV, description="env var read for the key when api_key is unset")
     reload_poll_s: float = Field(1.0, gt=0, le=60, description="how often replicas look for a new checkpoint")
+    reload_roots: tuple[str, ...] | None = Field(
+        None, description="local folders POST /v1/reload may read checkpoints under (default: the served run's parent)"
+    )
+    reload_schemes: tuple[str, ...] = Field(
+        ("s3",), description="URL schemes reload may read besides local folders; http, ftp, ... only when named here"
+    )
+    max_checkpoint_mb: float = Field(
+        2048.0, gt=0, description="largest state.pt a replica reads, in MiB; larger files are refused unread"
+    )
+    # HTTP limits per client (enforced in the ingress, see styleray.serve.limits)
+    max_header_kb: float = Field(16.0, gt=0, le=1024, description="request headers larger than this get 431")
+    body_timeout_s: float = Field(10.0, gt=0, le=600, description="a request body must arrive within this (408)")
+    max_requests_per_client: int = Field(
+        32, ge=1, description="requests one client address may have in flight; more get 429"
+    )
+    max_pending_bodies: int = Field(
+        64, ge=1, description="requests still sending their body, all clients together; more get 503"
+    )
+    trusted_proxies: tuple[str, ...] = Field(
+        (), description="addresses/networks of reverse proxies whose client_ip_header names the client"
+    )
+    client_ip_header: str = Field("X-Forwarded-For", description="the header trusted proxies put the client in")
+    # projections of uploaded images (POST /v1/projections)
+    max_running_projections: int = Field(
+        1, ge=1, le=16, description="projections running at once per sampler replica (429 with Retry-After beyond)"
+    )
+    projections_kept: int = Field(32, ge=1, le=10_000, description="projections kept (the oldest finished evicted)")
+    max_projection_steps: int = Field(
+        1000, ge=1, le=PROJECTION_STEPS_MAX, description="most optimisation steps one projection may ask for"
+    )
+
+    @field_validator("reload_schemes")
+    @classmethod
+    def _schemes(cls, schemes: tuple[str, ...]) -> tuple[str, ...]:
+        for scheme in schemes:
+            if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme) or scheme == "file":
+                raise ValueError(f"{scheme!r} is not a URL scheme like s3 or gs (local folders: reload_roots)")
+        return schemes
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, proxies: tuple[str, ...]) -> tuple[str, ...]:
+        for p in proxies:
+            try:
+                ipaddress.ip_network(p, strict=False)
+            except ValueError:
+                raise ValueError(f"{p!r} is not an IP address or network like 10.0.0.0/8") from None
+        return proxies
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":
@@ -55,6 +111,28 @@ class ServeArgs(BaseModel):
         if self.device == "cpu" and self.gpus_per_replica > 0:
             raise ValueError(f"device cpu with gpus_per_replica {self.gpus_per_replica} reserves GPUs it never uses")
         return self
+
+    @property
+    def max_checkpoint_bytes(self) -> int:
+        return int(self.max_checkpoint_mb * 2**20)
+
+    def source_policy(self) -> "SourcePolicy":
+        """Where reload may read from (see styleray.serve.sources)."""
+        from styleray.serve.sources import SourcePolicy
+
+        return SourcePolicy.for_served(self.checkpoint, self.reload_roots, self.reload_schemes)
+
+    def http_limits(self) -> "HttpLimits":
+        from styleray.serve.limits import HttpLimits
+
+        return HttpLimits(
+            max_header_bytes=int(self.max_header_kb * 1024),
+            body_timeout_s=self.body_timeout_s,
+            max_requests_per_client=self.max_requests_per_client,
+            max_pending_bodies=self.max_pending_bodies,
+            trusted_proxies=self.trusted_proxies,
+            client_ip_header=self.client_ip_header,
+        )
 
     @property
     def autoscaling(self) -> dict | None:

@@ -8,17 +8,27 @@ import os
 
 log = logging.getLogger("styleray")
 
+# ServeArgs fields whose flags the `serve` parser may add (dest = the field name; lists from action="append"
+# for reload_roots, reload_schemes, trusted_proxies); absent or None: the ServeArgs default.
+OPTIONAL_FIELDS = (
+    "reload_roots", "reload_schemes", "max_checkpoint_mb", "max_header_kb", "body_timeout_s",
+    "max_requests_per_client", "max_pending_bodies", "trusted_proxies", "client_ip_header",
+    "max_running_projections", "projections_kept", "max_projection_steps",
+)
+
 
 def serve_args_from_flags(args: argparse.Namespace):
     """ServeArgs from the CLI flags; a ValueError naming the flag when they do not fit together."""
     from pydantic import ValidationError
 
+    from styleray import storage
     from styleray.serve.args import ServeArgs
 
     key = os.environ.get(args.api_key_env) or None
+    optional = {f: getattr(args, f) for f in OPTIONAL_FIELDS if getattr(args, f, None) is not None}
     try:
         return ServeArgs(
-            checkpoint=args.checkpoint,
+            checkpoint=storage.absolute(args.checkpoint),  # replicas run in another working directory
             device=args.device,
             replicas=args.replicas,
             min_replicas=args.min_replicas,
@@ -30,9 +40,11 @@ def serve_args_from_flags(args: argparse.Namespace):
             batch_wait_timeout_s=args.batch_wait_ms / 1000,
             api_key=key,
             api_key_env=args.api_key_env,
+            **optional,
         )
     except ValidationError as e:
-        flags = {"min_replicas": "--min-replicas", "max_replicas": "--max-replicas", "batch_wait_timeout_s": "--batch-wait-ms"}
+        flags = {"min_replicas": "--min-replicas", "max_replicas": "--max-replicas", "batch_wait_timeout_s": "--batch-wait-ms",
+                 "reload_roots": "--reload-root", "reload_schemes": "--reload-scheme", "trusted_proxies": "--trusted-proxy"}
         msgs = []
         for err in e.errors():
             field = str(err["loc"][0]) if err.get("loc") else ""

@@ -9,10 +9,13 @@ Pure Python (pydantic, no torch, no Ray): the ingress validates with it before a
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 # -- bounds -------------------------------------------------------------------------------------------------
 MAX_SEED = 2**32 - 1  # seeds are NumPy RandomState seeds: [0, 2**32 - 1]
@@ -25,10 +28,13 @@ FPS_RANGE = (1, 50)  # GIF frame delays are multiples of 10 ms; browsers clamp f
 QUALITY_RANGE = (1, 100)  # JPEG / WebP quality; 100 makes WebP lossless
 MAX_GRID_COLS = MAX_SEEDS
 MAX_BODY_BYTES = 64 * 1024  # a POST body larger than this is refused before parsing (413)
+ID_PATTERN = re.compile(r"[0-9a-f]{12}")  # a projection id (serve/projections.py)
+LatentRef = int | str  # a seed, or "proj:<id>": a finished projection's latent
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 AnimationFormat = Literal["gif", "webp"]
 NoiseMode = Literal["const", "random", "none"]
+FrameNoise = Literal["const", "none"]  # morphs and mixing grids: random noise is seeded per sample
 LatentSpace = Literal["w", "z"]
 GridFormat = Literal["png", "zip"]
 
@@ -59,25 +65,116 @@ def limits() -> dict:
     }
 
 
-# -- parsing of list-valued query parameters ----------------------------------------------------------------
+# -- parsing: one parser for seeds and integer lists, ASCII digits only -------------------------------------
+# str.isdigit() accepts superscripts ('²') that int() refuses and other scripts' digits ('١') that int()
+# accepts; a seed is written with 0-9 only, on every route, and every route refuses it with the same words.
+
+_UINT = re.compile(r"[0-9]{1,20}")
+SEED_RULE = f"seeds are integers in [0, {MAX_SEED}] written with the digits 0-9"
+
+
+def seed_problem(value: object) -> str | None:
+    """Why ``value`` (a query string or a JSON value) is not a seed, or None when it is one."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not _UINT.fullmatch(text):
+            return f"{value[:40]!r} is not a seed; {SEED_RULE}"
+        value = int(text)
+    elif isinstance(value, bool) or not isinstance(value, int):  # JSON true, 1.5, 1.0, null, lists...
+        return f"{json.dumps(value, default=str)[:40]} is not a seed; {SEED_RULE}"
+    if not 0 <= value <= MAX_SEED:
+        return f"seed {str(value)[:40]} is out of range [0, {MAX_SEED}]"
+    return None
+
+
+def parse_seed(value: object, name: str = "seed") -> int:
+    """A seed from a query string or a JSON value; InvalidRequest naming the parameter otherwise."""
+    problem = seed_problem(value)
+    if problem is not None:
+        raise InvalidRequest(f"{name}: {problem}")
+    return _as_int(value)
+
+
+def _seed_field(value: object) -> int:
+    """Pydantic's view of a seed (query ``seed``, JSON ``seeds``): the same rule and words as parse_seed."""
+    problem = seed_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("seed", problem)
+    return _as_int(value)
+
+
+def _as_int(value: object) -> int:
+    return int(value.strip()) if isinstance(value, str) else int(value)
+
+
+Seed = Annotated[int, BeforeValidator(_seed_field)]
 
 
 def parse_seed_list(text: str, name: str, max_count: int = MAX_SEEDS, min_count: int = 1) -> list[int]:
     """'3,17,42' -> [3, 17, 42]; InvalidRequest naming the parameter, the bad value and the limit."""
-    parts = [p.strip() for p in text.split(",")] if text.strip() else []
+    return [parse_seed(p, name) for p in _list_parts(text, name, max_count, min_count)]
+
+
+def _list_parts(text: str, name: str, max_count: int, min_count: int, what: str = "seeds") -> list[str]:
+    parts = text.split(",") if text.strip() else []
     if len(parts) > max_count:
         raise InvalidRequest(f"{name}: {len(parts)} seeds given, at most {max_count} allowed")
     if len(parts) < min_count:
-        raise InvalidRequest(f"{name}: give at least {min_count} comma-separated seeds, e.g. {name}=3,17,42")
-    seeds = []
-    for p in parts:
-        if not p.isdigit():  # no signs, no decimals, no exponents
-            raise InvalidRequest(f"{name}: {p!r} is not a seed; seeds are integers in [0, {MAX_SEED}]")
-        v = int(p)
-        if v > MAX_SEED:
-            raise InvalidRequest(f"{name}: seed {v} is out of range [0, {MAX_SEED}]")
-        seeds.append(v)
-    return seeds
+        raise InvalidRequest(f"{name}: give at least {min_count} comma-separated {what}, e.g. {name}=3,17,42")
+    return parts
+
+
+# A latent reference names a latent wherever the API takes seeds (morphs, mixes, grids): 42 or seed:42 (a
+# seed), or proj:ID (a finished projection's latent, serve/projections.py).
+
+
+def latent_problem(value: object) -> str | None:
+    """Why ``value`` is neither a seed nor proj:ID, or None when it is one of them."""
+    if isinstance(value, str) and ":" in value:
+        kind, _, rest = value.strip().partition(":")
+        if kind == "proj":
+            return None if ID_PATTERN.fullmatch(rest) else \
+                f"{value[:40]!r}: a projection reference is proj: and 12 hexadecimal characters"
+        if kind != "seed":
+            return f"{value[:40]!r}: give a seed (42 or seed:42) or a projection (proj:ID)"
+        value = rest
+    return seed_problem(value)
+
+
+def parse_latent_ref(value: object, name: str) -> LatentRef:
+    """'42', 42 or 'seed:42' -> 42; 'proj:0123456789ab' -> 'proj:0123456789ab'; InvalidRequest naming ``name``."""
+    problem = latent_problem(value)
+    if problem is not None:
+        raise InvalidRequest(f"{name}: {problem}")
+    return _as_latent(value)
+
+
+def _as_latent(value: object) -> LatentRef:
+    if isinstance(value, str) and value.strip().startswith("proj:"):
+        return value.strip()
+    return _as_int(value.strip().removeprefix("seed:") if isinstance(value, str) else value)
+
+
+def _latent_field(value: object) -> LatentRef:
+    """Pydantic's view of a latent reference (JSON ``seeds``): the same rule and words as parse_latent_ref."""
+    problem = latent_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("seed", problem)
+    return _as_latent(value)
+
+
+Latent = Annotated[LatentRef, BeforeValidator(_latent_field)]
+
+
+def parse_latent_list(text: str, name: str, max_count: int = MAX_SEEDS, min_count: int = 1) -> list[LatentRef]:
+    """'3,proj:0123456789ab,seed:42' -> [3, 'proj:0123456789ab', 42]; bounded like seed lists."""
+    parts = _list_parts(text, name, max_count, min_count, "seeds (or proj:ID)")
+    return [parse_latent_ref(p, name) for p in parts]
+
+
+def projection_ids(refs) -> list[str]:
+    """The projection ids among latent references (without the proj: prefix)."""
+    return [r[len("proj:"):] for r in refs if isinstance(r, str)]
 
 
 def parse_layers(text: str | None, name: str = "layers") -> list[int] | None:
@@ -88,8 +185,8 @@ def parse_layers(text: str | None, name: str = "layers") -> list[int] | None:
     for part in text.split(","):
         part = part.strip()
         lo, sep, hi = part.partition("-")
-        if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise InvalidRequest(f"{name}: {part!r} is not a layer index or range like 0-5")
+        if not _UINT.fullmatch(lo) or (sep and not _UINT.fullmatch(hi)):
+            raise InvalidRequest(f"{name}: {part[:40]!r} is not a layer index or range like 0-5 (digits 0-9)")
         a, b = int(lo), int(hi) if sep else int(lo)
         if b < a or b > 63:
             raise InvalidRequest(f"{name}: {part!r} must be an increasing range within 0-63")
@@ -119,7 +216,7 @@ class SampleRequest:
 
 @dataclass(frozen=True)
 class GridRequest:
-    seeds: tuple[int, ...]
+    seeds: tuple[LatentRef, ...]
     sampling: Sampling = field(default_factory=Sampling)
     format: str = "png"  # png grid or zip of PNGs
     cols: int | None = None
@@ -128,7 +225,7 @@ class GridRequest:
 
 @dataclass(frozen=True)
 class MorphRequest:
-    seeds: tuple[int, ...]
+    seeds: tuple[LatentRef, ...]
     steps: int = 30
     space: str = "w"
     loop: bool = False
@@ -145,8 +242,8 @@ class MorphRequest:
 
 @dataclass(frozen=True)
 class MixRequest:
-    rows: tuple[int, ...]
-    cols: tuple[int, ...]
+    rows: tuple[LatentRef, ...]
+    cols: tuple[LatentRef, ...]
     layers: tuple[int, ...] | None = None
     sampling: Sampling = field(default_factory=Sampling)
 
@@ -169,21 +266,14 @@ class SamplesBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
-    seeds: list[int] = Field(min_length=1, max_length=MAX_SEEDS, description=f"1 to {MAX_SEEDS} seeds")
+    seeds: list[Latent] = Field(min_length=1, max_length=MAX_SEEDS,
+                                description=f"1 to {MAX_SEEDS} seeds, or proj:ID for a projected image")
     truncation: float = Field(1.0, ge=TRUNCATION_RANGE[0], le=TRUNCATION_RANGE[1], allow_inf_nan=False)
     class_idx: int | None = Field(None, alias="class", ge=0, description="class index of a conditional model")
     noise: NoiseMode = "const"
     format: GridFormat = "png"
     cols: int | None = Field(None, ge=1, le=MAX_GRID_COLS, description="grid columns (default: square)")
     pad: int = Field(0, ge=0, le=16, description="pixels between grid cells")
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds_in_range(cls, seeds: list[int]) -> list[int]:
-        bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
-        if bad:
-            raise ValueError(f"seeds {bad[:5]} out of range [0, {MAX_SEED}]")
-        return seeds
 
     def to_request(self) -> GridRequest:
         return GridRequest(

@@ -11,7 +11,7 @@
 Typical use::
 
     ex = build_extractor("inception-v3", weights=None, device="cuda")
-    real = dataset_stats(root, ex, files=files, load_images=lambda: data.images, resolution=256)
+    real = dataset_stats(root, ex, files=files, load_images=lambda: data.images, resolution=256, cache=None)
     print(evaluate_generator(G_ema, real, ex, metrics=("fid", "kid"), num_gen=50_000))
 """
 
@@ -33,12 +33,13 @@ from styleray.models.metrics.extractors import (
 )
 from styleray.models.metrics.features import (
     FeatureStats,
+    StatsCache,
     dataset_stats,
     extract_features,
     gather_rows,
     generator_features,
     shard_bounds,
-    stats_cache_path,
+    stats_cache_key,
     torch_all_gather,
 )
 from styleray.models.metrics.inception import (
@@ -58,5 +59,5 @@ __all__ = [
     "build_extractor", "compare_stats", "dataset_stats", "evaluate_generator", "extract_features",
     "find_inception_weights", "frechet_distance", "gather_rows", "generator_features", "get_extractor_spec",
     "kernel_inception_distance", "load_fid_inception", "mean_pairwise_distance", "mmd2_unbiased",
-    "PIXELS_EXTRACTOR", "PixelGrid", "parse_metrics", "register_extractor", "shard_bounds", "stats_cache_path", "torch_all_gather",
+    "PIXELS_EXTRACTOR", "PixelGrid", "parse_metrics", "register_extractor", "shard_bounds", "stats_cache_key", "StatsCache", "torch_all_gather",
 ]

@@ -5,22 +5,23 @@ shard, and an all-gather puts the rows back in order on every rank. Networks alw
 ``batch_size`` rows (the last one padded with copies of its first row), so a row's features do not depend on
 which other rows share its batch: W ranks give the features one process gives.
 
-Dataset statistics are cached next to the dataset as ``.npz`` under a key of extractor name, resolution,
-channels and a hash of the file list (names, sizes, modification times): any changed, added or removed file
-changes the key. This module never imports the dataset reader (``models`` depends on nothing but ``config``):
-callers pass the file list and a function that loads the images.
+Dataset statistics can be cached (``StatsCache``: the platform keeps them next to the dataset) as ``.npz``
+under a key of extractor name, resolution, channels and a hash of the file list (names, sizes, modification
+times): any changed, added or removed file changes the key. This module never imports the dataset reader nor
+the storage layer (``models`` depends on nothing but ``config``): callers pass the file list, a function
+that loads the images, and the cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +32,6 @@ from styleray.models.sampling import seeds_to_z
 log = logging.getLogger(__name__)
 
 AllGather = Callable[[torch.Tensor], Sequence[torch.Tensor]]  # local [k, D] -> one tensor per rank, rank order
-CACHE_DIR_NAME = ".styleray-stats"  # hidden: the dataset reader skips it
 CACHE_VERSION = 1
 
 
@@ -67,30 +67,28 @@ class FeatureStats:
     def num(self) -> int:
         return int(self.features.shape[0])
 
-    def save(self, path: str) -> None:
-        """Write an ``.npz`` atomically (temporary file in the same folder, then rename)."""
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                header = json.dumps({"version": CACHE_VERSION, "extractor": self.extractor, "meta": self.meta})
-                np.savez(f, features=self.features, mu=self.mu, sigma=self.sigma, header=np.array(header))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+    def to_bytes(self) -> bytes:
+        """The statistics as an ``.npz`` (features, mu, sigma and a JSON header)."""
+        buf = io.BytesIO()
+        header = json.dumps({"version": CACHE_VERSION, "extractor": self.extractor, "meta": self.meta})
+        np.savez(buf, features=self.features, mu=self.mu, sigma=self.sigma, header=np.array(header))
+        return buf.getvalue()
 
     @classmethod
-    def load(cls, path: str) -> "FeatureStats":
-        with np.load(path, allow_pickle=False) as z:
+    def from_bytes(cls, data: bytes, source: str = "statistics") -> "FeatureStats":
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
             header = json.loads(str(z["header"]))
             if header.get("version") != CACHE_VERSION:
-                raise ValueError(f"{path}: cache version {header.get('version')} != {CACHE_VERSION}")
+                raise ValueError(f"{source}: cache version {header.get('version')} != {CACHE_VERSION}")
             return cls(z["features"], header["extractor"], header.get("meta", {}), z["mu"], z["sigma"])
+
+
+class StatsCache(Protocol):
+    """Where dataset statistics are kept between runs (the platform stores them next to the dataset)."""
+
+    def read(self, key: str) -> bytes | None: ...  # None: not cached
+
+    def write(self, key: str, data: bytes) -> None: ...  # atomic; OSError when it cannot be kept
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,38 +249,46 @@ def files_fingerprint(root: str, files: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def stats_cache_path(root: str, files: Sequence[str], extractor: str, resolution: int, channels: int = 3, cache_dir: str | None = None) -> str:
-    """Where the statistics of this dataset, extractor and resolution are cached."""
-    key = f"{extractor}-{resolution}px-{channels}ch-{files_fingerprint(root, files)[:20]}"
-    return os.path.join(cache_dir or os.path.join(root, CACHE_DIR_NAME), f"{key}.npz")
+def stats_cache_key(root: str, files: Sequence[str], extractor: str, resolution: int, channels: int = 3) -> str:
+    """The name under which the statistics of this dataset, extractor and resolution are cached."""
+    return f"{extractor}-{resolution}px-{channels}ch-{files_fingerprint(root, files)[:20]}.npz"
+
+
+def _cached(cache: StatsCache, key: str, extractor: Extractor) -> FeatureStats | None:
+    try:
+        data = cache.read(key)
+        if data is None:
+            return None
+        stats = FeatureStats.from_bytes(data, key)
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("ignoring unreadable statistics cache %s: %s", key, e)
+        return None
+    if stats.extractor == extractor.name and stats.features.shape[1] == extractor.feature_dim:
+        log.info("dataset statistics from cache %s (%d images)", key, stats.num)
+        return stats
+    log.warning("ignoring %s: made by %s, not %s", key, stats.extractor, extractor.name)
+    return None
 
 
 def dataset_stats(
-    root: str,  # the prepared dataset folder (the cache goes in root/.styleray-stats unless cache_dir)
+    root: str,  # the prepared dataset folder (its files are part of the cache key)
     extractor: Extractor,
     *,
-    files: Sequence[str],  # image files relative to root (datasets.reader.list_image_files)
+    files: Sequence[str],  # image files relative to root (datasets.read.folder.list_image_files)
     load_images: Callable[[], np.ndarray],  # -> uint8 [N, H, W, C] in files' order; only called on a cache miss
     resolution: int,  # the images' side (part of the key; the loaded images are checked against it)
     channels: int = 3,
-    cache: bool = True,  # False: neither read nor write the cache
-    cache_dir: str | None = None,
+    cache: StatsCache | None = None,  # None: neither read nor write a cache
     batch_size: int = 64,
     rank: int = 0,
     world_size: int = 1,
     all_gather: AllGather | None = None,
 ) -> FeatureStats:
     """Reference statistics of a dataset, from the cache when it holds them (rank 0 writes the cache)."""
-    path = stats_cache_path(root, files, extractor.name, resolution, channels, cache_dir) if cache else None
-    if path and os.path.exists(path):
-        try:
-            stats = FeatureStats.load(path)
-            if stats.extractor == extractor.name and stats.features.shape[1] == extractor.feature_dim:
-                log.info("dataset statistics from cache %s (%d images)", path, stats.num)
-                return stats
-            log.warning("ignoring %s: made by %s, not %s", path, stats.extractor, extractor.name)
-        except (OSError, ValueError, KeyError) as e:
-            log.warning("ignoring unreadable statistics cache %s: %s", path, e)
+    key = stats_cache_key(root, files, extractor.name, resolution, channels) if cache is not None else None
+    stats = _cached(cache, key, extractor) if cache is not None else None
+    if stats is not None:
+        return stats
     t0 = time.time()
     images = load_images()
     if images.ndim != 4 or images.shape[1:] != (resolution, resolution, channels) or len(images) != len(files):
@@ -290,13 +296,14 @@ def dataset_stats(
             f"--data {root}: loaded images {images.shape} but expected [{len(files)}, {resolution}, {resolution}, {channels}]"
         )
     feats = extract_features(images, extractor, batch_size=batch_size, rank=rank, world_size=world_size, all_gather=all_gather)
-    meta = {"source": os.path.abspath(root), "resolution": resolution, "channels": channels, "num": len(files)}
+    meta = {"source": os.path.abspath(root) if root else "", "resolution": resolution, "channels": channels,
+            "num": len(files)}
     stats = FeatureStats(feats, extractor.name, meta)
     log.info("dataset statistics of %d images in %.1f s", stats.num, time.time() - t0)
-    if path and rank == 0:
+    if cache is not None and rank == 0:
         try:
-            stats.save(path)
-            log.info("cached dataset statistics at %s", path)
+            cache.write(key, stats.to_bytes())
+            log.info("cached dataset statistics as %s", key)
         except OSError as e:
-            log.warning("could not cache dataset statistics at %s (%s); they will be recomputed next time", path, e)
+            log.warning("could not cache dataset statistics as %s (%s); they will be recomputed next time", key, e)
     return stats

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from styleray.models.weights import MissingWeightsError, WeightsFile  # noqa: F401 - MissingWeightsError re-exported
 
 log = logging.getLogger(__name__)
 
@@ -38,42 +39,15 @@ FEATURE_DIM = 2048
 INPUT_SIZE = 299
 
 
-class MissingWeightsError(FileNotFoundError, ValueError):
-    """The feature extractor's weights file is not where it was looked for (a ValueError too: user error)."""
-
-
-def default_cache_dir() -> str:
-    """``$XDG_CACHE_HOME/styleray`` or ``~/.cache/styleray`` (read when called, never at import)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "styleray")
+INCEPTION_WEIGHTS = WeightsFile(
+    what="Inception-v3 FID weights", filename=INCEPTION_FILE, url=INCEPTION_URL, flag="--inception", env=INCEPTION_ENV
+)
 
 
 def find_inception_weights(path: str | None = None) -> str:
     """The weights file: ``path`` (a file, or a folder holding INCEPTION_FILE), else ``$STYLERAY_INCEPTION``
     (same), else the cache folder. MissingWeightsError listing every place looked if none has it."""
-    candidates: list[tuple[str, str]] = []  # (where it came from, file path)
-
-    def add(origin: str, p: str) -> None:
-        p = os.path.expanduser(p)
-        candidates.append((origin, os.path.join(p, INCEPTION_FILE) if os.path.isdir(p) else p))
-
-    if path:
-        add("--inception", path)
-    else:
-        env = os.environ.get(INCEPTION_ENV)
-        if env:
-            add(f"${INCEPTION_ENV}", env)
-        add("cache folder", os.path.join(default_cache_dir(), INCEPTION_FILE))
-    for _, p in candidates:
-        if os.path.isfile(p):
-            return p
-    looked = "; ".join(f"{origin}: {p}" for origin, p in candidates)
-    raise MissingWeightsError(
-        f"Inception-v3 FID weights {INCEPTION_FILE} not found (looked in {looked}). styleray never downloads "
-        f"at run time: fetch {INCEPTION_URL} once (e.g. `curl -L -o {os.path.join(default_cache_dir(), INCEPTION_FILE)} "
-        f"{INCEPTION_URL}`), then pass --inception PATH, set {INCEPTION_ENV}=PATH, or leave it in "
-        f"{default_cache_dir()}/"
-    )
+    return INCEPTION_WEIGHTS.find(path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,12 +226,7 @@ def load_fid_inception(path: str | None = None) -> FIDInceptionV3:
             "%s: SHA-256 %s... does not start with %s (the published %s); FIDs will not be comparable with "
             "other implementations'", file, digest[:8], INCEPTION_SHA256_PREFIX, INCEPTION_FILE,
         )
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any decode failure: the file is not the state_dict we need
-        raise ValueError(f"{file}: not a loadable state_dict ({e}); expected {INCEPTION_FILE} from {INCEPTION_URL}") from e
-    if not isinstance(state, dict):
-        raise ValueError(f"{file}: holds a {type(state).__name__}, not a state_dict; expected {INCEPTION_FILE}")
+    state = INCEPTION_WEIGHTS.read_state_dict(file)
     model = FIDInceptionV3()
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

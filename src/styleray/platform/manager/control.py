@@ -37,6 +37,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from styleray import storage
 from styleray.platform.manager.jobs import (
     JobsAuthError,
     JobsUnavailable,
@@ -55,13 +56,13 @@ from styleray.platform.manager.queue import (
     Request,
     State,
 )
-from styleray.platform.manager.requests import with_resume
+from styleray.platform.manager.requests import train_argv
+from styleray.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
 KIMG_EPS = 1e-6
 MAX_FAILED_ROUNDS = 10  # rounds in a row that raise before the manager gives up (a bug, not a hiccup)
-ENV_FORWARDED = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")  # no secrets
 
 
 class LeaseLost(RuntimeError):
@@ -109,7 +110,7 @@ def build_runtime_env(*, ship_package: bool = False, working_dir: str | None = N
     (not credentials: those belong to the cluster), and optionally this machine's styleray package
     (``py_modules``, so the cluster runs exactly this code) or a working_dir."""
     env: dict[str, Any] = dict(extra or {})
-    env_vars = {k: os.environ[k] for k in ENV_FORWARDED if os.environ.get(k)}
+    env_vars = storage.forwarded_env()
     env_vars.update(env.get("env_vars") or {})
     if env_vars:
         env["env_vars"] = env_vars
@@ -348,10 +349,14 @@ class Manager:
     def _start(self, req: Request) -> bool:
         progress = self._progress(req)
         n = req.attempts + 1
-        args = list(req.train_args)
-        if n > 1 and progress.checkpoint is not None:
-            args = with_resume(args, "latest")  # the run's own checkpoints, whatever attempt 1 resumed from
-        entrypoint = f"{self.options.entrypoint} {shlex.join(args)}"
+        # a resume: the run's own checkpoints, whatever attempt 1 resumed from
+        resume = "latest" if n > 1 and progress.checkpoint is not None else None
+        try:
+            argv = train_argv(req.settings, resume=resume)
+        except SettingsError as e:  # stored by an older styleray, or edited by hand
+            self._decide(req, (State.QUEUED, State.INTERRUPTED), State.FAILED, "failed", str(e), last_error=str(e))
+            return False
+        entrypoint = f"{self.options.entrypoint} {shlex.join(argv)}"
         prev = self.queue.current_attempt(req.id)
         att = self.queue.start_attempt(
             req, submission_id=submission_id(self.queue.queue_id, req.id, n), entrypoint=entrypoint,

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from styleray.platform import storage
+from styleray import storage
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,14 @@
 """The durable queue of training requests: one SQLite file that outlives every process.
 
-    requests   one row per training request: the `styleray train` arguments, target kimg, priority, state,
+    requests   one row per training request: its train settings (JSON of settings.TrainSettings, the values
+               that differ from the defaults; as given when the request was rejected), target kimg, priority, state,
                the current Ray job (submission id), attempts, last known kimg and checkpoint, last error
     attempts   one row per Ray job submitted for a request: its deterministic submission id, Ray status,
                start/end times, kimg at start and end, and the recovery time after an interruption
     events     every decision, with the time (`styleray queue show ID` prints them)
     manager    the lease of the one manager that drives this queue, with its heartbeat
-    meta       the queue's random id (part of every submission id) and the schema version
+    meta       the queue's random id (part of every submission id) and the schema version (a queue of
+               schema 1, which stored `styleray train` flags, is migrated on open)
 
 Writers are short transactions (``BEGIN IMMEDIATE``) in WAL mode with a busy timeout, so the manager and
 `styleray queue add/cancel` can write at the same time. Every state change is a compare-and-set on the state
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Iterator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_DB = os.path.join("~", ".styleray", "queue.db")
 DB_ENV = "STYLERAY_QUEUE"  # overrides DEFAULT_DB
 BUSY_TIMEOUT_S = 30.0
@@ -67,8 +69,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL,
-    train_args TEXT NOT NULL,           -- JSON list: the arguments of `styleray train`
-    config TEXT,                        -- JSON: the resolved RunConfig, when it could be resolved at add time
+    settings TEXT NOT NULL,             -- JSON object: the train settings (settings.TrainSettings.to_json)
+    config TEXT,                        -- JSON: the resolved RunSpec, when it could be resolved at add time
     data TEXT,
     out TEXT NOT NULL,                  -- the run folder (local or s3://): checkpoints and metrics.jsonl
     target_kimg REAL NOT NULL,
@@ -133,7 +135,7 @@ CREATE TABLE IF NOT EXISTS manager (
 class Request:
     id: int
     name: str
-    train_args: tuple[str, ...]
+    settings: dict[str, Any]
     config: dict[str, Any] | None
     data: str | None
     out: str
@@ -157,7 +159,7 @@ class Request:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Request":
         d = dict(row)
-        d["train_args"] = tuple(json.loads(d["train_args"]))
+        d["settings"] = json.loads(d["settings"])
         d["config"] = json.loads(d["config"]) if d["config"] else None
         d["state"] = State(d["state"])
         return cls(**d)
@@ -231,9 +233,30 @@ class Queue:
             db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('queue_id', ?)", (uuid.uuid4().hex[:8],))
             db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         version = int(self._meta("schema"))
+        if version == 1:
+            version = self._migrate_from_flags()
         if version != SCHEMA_VERSION:
             raise ValueError(f"--db {self.path} has queue schema {version}; this styleray reads {SCHEMA_VERSION}")
         self.queue_id = self._meta("queue_id")
+
+    def _migrate_from_flags(self) -> int:
+        """Schema 1 -> 2: each request's `styleray train` flags become its settings (flags that no longer parse
+        are kept as ``{"argv": [...]}``, which the manager refuses with the reason)."""
+        from styleray.settings import SettingsError, from_argv
+
+        with self._tx() as db:
+            if "train_args" in {r["name"] for r in db.execute("PRAGMA table_info(requests)")}:
+                db.execute("ALTER TABLE requests RENAME COLUMN train_args TO settings")
+            for row in db.execute("SELECT id, settings FROM requests").fetchall():
+                argv = json.loads(row["settings"])
+                if isinstance(argv, list):
+                    try:
+                        settings = from_argv(argv).changed()
+                    except SettingsError:
+                        settings = {"argv": argv}
+                    db.execute("UPDATE requests SET settings = ? WHERE id = ?", (json.dumps(settings), row["id"]))
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
+        return SCHEMA_VERSION
 
     def close(self) -> None:
         self._db.close()
@@ -264,7 +287,7 @@ class Queue:
         self,
         *,
         name: str,
-        train_args: list[str] | tuple[str, ...],
+        settings: dict[str, Any],
         out: str,
         target_kimg: float,
         data: str | None = None,
@@ -288,10 +311,10 @@ class Queue:
                         "finished: two runs must not share a folder (use another --out, or cancel it first)"
                     )
             cur = db.execute(
-                "INSERT INTO requests (name, train_args, config, data, out, target_kimg, priority, max_attempts, "
+                "INSERT INTO requests (name, settings, config, data, out, target_kimg, priority, max_attempts, "
                 "state, created_at, updated_at, finished_at, last_error) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
-                    name, json.dumps(list(train_args)), json.dumps(config) if config else None, data, out,
+                    name, json.dumps(settings, sort_keys=True), json.dumps(config) if config else None, data, out,
                     float(target_kimg), int(priority), int(max_attempts), state.value, now, now,
                     now if error else None, error,
                 ),

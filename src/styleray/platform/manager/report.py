@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 import time
 
 from styleray.platform.manager.queue import Attempt, Queue, Request, State
+from styleray.platform.manager.requests import train_argv
+from styleray.settings import SettingsError
 
 BAR = 20
 
@@ -87,6 +91,14 @@ def _attempt_line(a: Attempt) -> str:
     return line
 
 
+def _command(r: Request) -> str:
+    """The `styleray train` command a request runs, or its stored settings when they do not check."""
+    try:
+        return "styleray train " + shlex.join(train_argv(r.settings))
+    except SettingsError as e:
+        return f"(none: {e}) settings {json.dumps(r.settings, sort_keys=True)}"
+
+
 def show(queue: Queue, request_id: int, now: float | None = None) -> str:
     now = now if now is not None else time.time()
     r = queue.get(request_id)
@@ -99,7 +111,7 @@ def show(queue: Queue, request_id: int, now: float | None = None) -> str:
         f"  priority   {r.priority}    attempts {r.attempts} (stalled {r.stalled} of at most {r.max_attempts})",
         f"  run        {r.out}",
         f"  data       {r.data or '-'}",
-        f"  command    styleray train {' '.join(r.train_args)}",
+        f"  command    {_command(r)}",
         f"  created    {_stamp(r.created_at)}    started {_stamp(r.started_at)}    finished {_stamp(r.finished_at)}",
     ]
     if r.last_error:
