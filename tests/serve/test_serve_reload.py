@@ -137,7 +137,7 @@ def test_a_replica_that_cannot_build_the_published_target_falls_back(client, run
     assert r.status_code == 200 and r.json()["checkpoint"] == "ckpt-000000002000", r.text
     registry = serve.get_deployment_handle("CheckpointRegistry", app_name="styleray")
     bad = str(runs / "runs" / "broken" / "checkpoints" / "ckpt-000000003000")
-    registry.publish.remote(bad).result()
+    registry.publish.remote("r1", bad).result()
 
     health = until(lambda: (h := client.get("/healthz").json())["status"] == "degraded" and h, 30, "degraded")
     (error,) = health["fallback"].values()
