@@ -607,8 +607,10 @@ def _add_queue(sub) -> None:
     ls.add_argument("--active", action="store_true", help="only requests that have not finished")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.add_argument("--db", default=None, help=DB_HELP)
-    sh = qsub.add_parser("show", help="one request: attempts and events", description="A request's attempts and events.")
-    sh.add_argument("id", type=int, help="request id")
+    sh = qsub.add_parser("show", help="one request: attempts, events, the model name it is served under",
+                         description="A request's attempts and events; for a finished run, the model name it is "
+                         "served under when a `styleray serve --runs` app watches its out prefix.")
+    sh.add_argument("id", metavar="ID|NAME", help="request id, or name (its newest request)")
     sh.add_argument("--db", default=None, help=DB_HELP)
     c = qsub.add_parser("cancel", help="cancel a request (and stop its Ray job)",
                         description="Cancel a request; its Ray job is stopped now with --address, else by the manager.")
