@@ -39,6 +39,7 @@ def test_builder_accepts_args_and_builds_the_graph(config):
     assert isinstance(app, Application)
     args = ServeArgs.model_validate(spec["args"])
     assert args.autoscaling == {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16.0}
+    assert args.runs == "demo-output" and args.checkpoint is None and args.models_per_replica == 3
     names = {"Ingress", SamplerDeployment.name, CheckpointRegistry.name}
     assert {d["name"] for d in spec.get("deployments", [])} <= names  # overrides name real deployments
     with pytest.raises(Exception, match="bogus"):
