@@ -124,3 +124,49 @@ def test_the_record_tells_under_which_name_a_run_is_served(tmp_path):
     assert nested.name == "old.heroes" and nested.root == root
     unlisted = served_as(os.path.join(root, "new"))
     assert unlisted.name is None and unlisted.scan_interval_s == 10.0
+
+
+@pytest.fixture
+def bucket(tmp_path):
+    """A bucket on a moto S3 server on 127.0.0.1 (AWS itself cannot be reached here)."""
+    from serve_helpers import start_moto
+
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    endpoint, proc = start_moto(str(tmp_path / "moto.log"))
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"]}
+    os.environ.update({**env, "AWS_ENDPOINT_URL": endpoint})
+    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+    try:
+        from styleray import storage
+
+        storage.filesystem("s3://catalog")[0].mkdir("catalog")
+        yield "s3://catalog/runs"
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_runs_under_an_s3_prefix_are_found_named_and_recorded(bucket, ckpt_template):
+    """The same scan over s3:// (moto): committed runs only, a run added later is found by the next scan
+    (listings are not cached), and the served-names record is written and read back there."""
+    from styleray import storage
+
+    def upload(rel: str, committed: bool = True) -> None:
+        for name in os.listdir(ckpt_template):
+            if committed or name != "meta.json":
+                with open(os.path.join(ckpt_template, name), "rb") as f:
+                    storage.write_bytes(f"{bucket}/{rel}/checkpoints/ckpt-000000001000/{name}", f.read())
+
+    upload("heroes")
+    upload("writing", committed=False)  # meta.json is the commit marker on object stores
+    assert find_runs(bucket, 2) == ["heroes", "writing"]
+    assert choose_checkpoint(f"{bucket}/writing") is None
+    choice = choose_checkpoint(f"{bucket}/heroes")
+    assert choice.checkpoint == f"{bucket}/heroes/checkpoints/ckpt-000000001000" and choice.resolution == RES
+    upload("sweep/t1")
+    assert find_runs(bucket, 2) == ["heroes", "writing", "sweep/t1"]
+    write_record(bucket, {"heroes": {"run": f"{bucket}/heroes", "checkpoint": choice.name}}, 10.0)
+    assert served_as(f"{bucket}/heroes").name == "heroes"
+    assert served_as(f"{bucket}/sweep/t1").name is None  # watched, not (yet) served
