@@ -453,6 +453,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--api-key-env", default="STYLERAY_API_KEY", help="environment variable holding the API key")
     p.add_argument("--address", default=None, help="Ray cluster address (default: attach to a running one or start one)")
     p.add_argument("--route-prefix", default="/", help="URL prefix of the application")
+    _add_serve_groups(p)
+    p.set_defaults(func=_cmd_serve)
+
+
+def _add_serve_groups(p) -> None:
+    """The grouped `serve` flags: ServeArgs fields that keep their default there unless given (SUPPRESS)."""
     g = p.add_argument_group("many models (README: Serving many models)")
     g.add_argument("--default-model", default=argparse.SUPPRESS, metavar="NAME",
                    help="the model of requests that name none (default: the first --model, else the first run)")
@@ -485,7 +491,6 @@ def _add_serve(sub) -> None:
                    help="projections kept, the oldest finished evicted (default: 32)")
     g.add_argument("--max-projection-steps", type=int, default=argparse.SUPPRESS,
                    help="most optimisation steps one projection may ask for (default: 1000)")
-    p.set_defaults(func=_cmd_serve)
 
 
 def _cmd_serve(args) -> int:
