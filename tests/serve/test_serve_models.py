@@ -15,7 +15,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from serve_helpers import decode, free_port, make_checkpoint
+from serve_helpers import browser_page, decode, free_port, make_checkpoint, until
 
 from styleray.models import sampling
 from styleray.platform.checkpoint import load_generator
@@ -26,16 +26,6 @@ RES = 16
 SCAN_S = 1.0  # the application's scan interval: a new run is servable within it (plus a poll)
 DEADLINE_S = 30.0  # what the tests allow for that, on a shared 2-core machine
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def until(predicate, deadline_s: float, what: str):
-    end = time.monotonic() + deadline_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < end, f"timed out after {deadline_s} s waiting for {what}"
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -256,35 +246,24 @@ def test_a_projection_belongs_to_the_model_that_made_it(client):
 
 
 def test_the_page_switches_models_and_keeps_the_choice_in_the_url(server, tmp_path):
-    from playwright.sync_api import sync_playwright
-    from test_serve_http import CHROMIUM_ARGS, _chromium
-
-    executable = _chromium()
     loaded = ("m => { const imgs = [...document.querySelectorAll('#grid img.sample')]; return imgs.length >= 8 && "
               "imgs.every(i => i.dataset.model === m && i.complete && i.naturalWidth > 0); }")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_context(http_credentials={"username": "viewer", "password": KEY}).new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server + "/?model=b")
-            page.wait_for_function(loaded, arg="b", timeout=60_000)
-            assert page.input_value("#model-select") == "b"
-            options = page.eval_on_selector_all("#model-select option", "os => os.map(o => o.value)")
-            assert sorted(options) == sorted(["a", "b", "broken", "c", "old.a"])
-            first_b = page.locator("#grid figure:nth-child(1) img").screenshot()
-            page.select_option("#model-select", "a")
-            page.wait_for_function(loaded, arg="a", timeout=60_000)
-            assert "model=a" in page.url and page.input_value("#model-select") == "a"
-            assert page.locator("#grid figure:nth-child(1) img").screenshot() != first_b
-            page.reload()  # the URL keeps the choice
-            page.wait_for_function(loaded, arg="a", timeout=60_000)
-            assert page.input_value("#model-select") == "a"
-            page.screenshot(path=str(tmp_path / "page.png"))
-            assert not errors, errors
-        finally:
-            browser.close()
+    with browser_page(KEY) as (page, errors):
+        page.goto(server + "/?model=b")
+        page.wait_for_function(loaded, arg="b", timeout=60_000)
+        assert page.input_value("#model-select") == "b"
+        options = page.eval_on_selector_all("#model-select option", "os => os.map(o => o.value)")
+        assert sorted(options) == sorted(["a", "b", "broken", "c", "old.a"])
+        first_b = page.locator("#grid figure:nth-child(1) img").screenshot()
+        page.select_option("#model-select", "a")
+        page.wait_for_function(loaded, arg="a", timeout=60_000)
+        assert "model=a" in page.url and page.input_value("#model-select") == "a"
+        assert page.locator("#grid figure:nth-child(1) img").screenshot() != first_b
+        page.reload()  # the URL keeps the choice
+        page.wait_for_function(loaded, arg="a", timeout=60_000)
+        assert page.input_value("#model-select") == "a"
+        page.screenshot(path=str(tmp_path / "page.png"))
+        assert not errors, errors
 
 
 # -- autoscaling: another application on the same cluster -------------------------------------------------

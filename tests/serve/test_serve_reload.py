@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import make_broken_checkpoint, make_checkpoint, running_app
+from serve_helpers import make_broken_checkpoint, make_checkpoint, running_app, until
 
 KEY = "reload-key-71c2"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -76,16 +76,6 @@ def until_sample_answers(client, deadline_s: float) -> tuple[httpx.Response, lis
                 return r, codes, time.monotonic() - started
             codes.append(r.status_code)
         assert time.monotonic() - started < deadline_s, f"no 200 within {deadline_s} s: {codes[-10:]}"
-        time.sleep(0.25)
-
-
-def until(predicate, deadline_s: float, what: str):
-    end = time.monotonic() + deadline_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < end, f"timed out after {deadline_s} s waiting for {what}"
         time.sleep(0.25)
 
 
