@@ -38,7 +38,7 @@ import time
 REFERENCE_IMG_S = {(32, 32): 0.7, (64, 32): 0.33}
 TARGET_RATIO = 1.5
 KINDS = ((0, 1), (4, 3), (1, 12))  # (batch_idx, how many of this kind in a 16-iteration window)
-PHASES = ("_phase_g_main", "_phase_g_reg", "_phase_d_main", "_phase_d_reg", "_update_ema")
+PHASES = ("Gmain", "Greg", "Dmain", "Dreg", "EMA")  # the trainer's phases (forward + backward of every round), EMA
 
 
 def loadavg() -> str:
@@ -83,7 +83,7 @@ def build_trainer(args, res: int, opts: dict):
         args.preset,
         resolution=res,
         workers=args.workers,
-        train_overrides=dict(batch=args.batch, augment="fixed", augment_p=args.augment_p),
+        train_overrides=dict(batch=args.batch, batch_gpu=args.batch_gpu, augment="fixed", augment_p=args.augment_p),
     )
     trainer = StyleGAN2Trainer(
         model_cfg, train_cfg, args.device, channels_last=opts["channels_last"], compile=opts["compile"]
@@ -95,13 +95,14 @@ def build_trainer(args, res: int, opts: dict):
 
 
 class PhaseClock:
-    """Wall time of each phase of a trainer (wraps its phase methods)."""
+    """Wall time of each phase of a trainer (wraps every phase's `accumulate` and the EMA update)."""
 
     def __init__(self, trainer, sync):
         self.seconds: dict[str, float] = collections.defaultdict(float)
         self.cpu_seconds: dict[str, float] = collections.defaultdict(float)
-        for name in PHASES:
-            fn = getattr(trainer, name)
+        targets = [(phase, "accumulate", phase.name) for phase in trainer.phases] + [(trainer, "_update_ema", "EMA")]
+        for owner, attribute, name in targets:
+            fn = getattr(owner, attribute)
 
             def timed(*a, _fn=fn, _name=name, **k):
                 sync()
@@ -112,7 +113,7 @@ class PhaseClock:
                 self.cpu_seconds[_name] += time.process_time() - c0
                 return out
 
-            setattr(trainer, name, timed)
+            setattr(owner, attribute, timed)
 
 
 def run_step(trainer, real, batch_idx: int, reference: bool, sync) -> tuple[float, float]:
@@ -173,15 +174,14 @@ def measure(args, res: int) -> dict:
         result[name] = statistics.median(figures[name])
         result[name + "_cpu"] = statistics.median(cpu_figures[name])
         result[name + "_all"] = figures[name]
-        weights = {"_phase_g_main": 1, "_phase_g_reg": 1 / 4, "_phase_d_main": 1, "_phase_d_reg": 1 / 16,
-                   "_update_ema": 1}
+        weights = {"Gmain": 1, "Greg": 1 / 4, "Dmain": 1, "Dreg": 1 / 16, "EMA": 1}
         if args.method == "kinds":  # each repeat ran every kind once: 3 Gmain, 2 Greg, 3 Dmain, 1 Dreg
-            counts = {"_phase_g_main": 3, "_phase_g_reg": 2, "_phase_d_main": 3, "_phase_d_reg": 1, "_update_ema": 3}
+            counts = {"Gmain": 3, "Greg": 2, "Dmain": 3, "Dreg": 1, "EMA": 3}
         else:
             counts = {k: args.iters * w for k, w in weights.items()}
         for key, clock in (("_phases", clocks[name].seconds), ("_phases_cpu", clocks[name].cpu_seconds)):
             result[name + key] = {
-                k[1:]: clock[k] / (args.repeats * counts[k]) * weights[k] for k in PHASES if counts[k]
+                k: clock[k] / (args.repeats * counts[k]) * weights[k] for k in PHASES if counts[k]
             }
     return result
 
@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--res", type=int, nargs="+", default=[32, 64], help="resolutions (default: 32 64)")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch-gpu", type=int, default=None, help="images per round (default: one round of --batch)")
     p.add_argument("--preset", default="auto")
     p.add_argument("--workers", type=int, default=1, help="the preset's worker count (one process runs here)")
     p.add_argument("--device", default="cpu")

@@ -39,6 +39,41 @@ def test_overrides_apply_last():
     assert model.mbstd_group == 4
 
 
+def test_auto_with_an_explicit_batch_changes_only_the_batch():
+    """The reference computes gamma, EMA and the mbstd group from auto's own batch (16 at 256 px on one GPU):
+    --batch 12 gives gamma 0.0002 * 256^2 / 16 = 0.8192 and EMA 16 * 10 / 32 = 5 kimg, not 1.09 and 3.75."""
+    model, train = resolve_preset("auto", resolution=256, train_overrides={"batch": 12})
+    assert (train.batch, train.batch_gpu, train.rounds) == (12, 12, 1)
+    assert train.r1_gamma == pytest.approx(0.8192) and train.ema_kimg == pytest.approx(5.0)
+    assert model.mbstd_group == 4 and train.lr_g == 0.0025 and model.channel_base == 16384
+    model, train = resolve_preset("auto", resolution=64, workers=2, train_overrides={"batch": 8})
+    assert train.r1_gamma == pytest.approx(0.0002 * 64**2 / 64) and train.ema_kimg == pytest.approx(20.0)
+    assert model.mbstd_group == 4 and train.batch_gpu == 4
+
+
+@pytest.mark.parametrize(
+    "preset, res, workers, overrides, batch, batch_gpu, rounds",
+    [
+        ("paper512", 512, 1, {}, 64, 8, 8),  # the reference's batch // ref_gpus: 8 rounds of 8 on one GPU
+        ("paper512", 512, 8, {}, 64, 8, 1),
+        ("paper256", 256, 2, {}, 64, 8, 4),
+        ("paper1024", 1024, 1, {}, 32, 4, 8),
+        ("stylegan2", 1024, 4, {}, 32, 4, 2),
+        ("paper256", 256, 16, {}, 64, 4, 1),  # more workers than the preset's 8: their share, one round
+        ("auto", 256, 1, {}, 16, 16, 1),
+        ("auto", 256, 8, {}, 64, 8, 1),
+        ("cpu-tiny", 32, 2, {}, 16, 8, 1),
+        ("paper512", 512, 1, {"batch": 32}, 32, 32, 1),  # --batch: batch // workers, as the reference
+        ("paper512", 512, 2, {"batch_gpu": 16}, 64, 16, 2),  # --batch-gpu wins
+    ],
+)
+def test_batch_gpu_defaults_follow_the_reference(preset, res, workers, overrides, batch, batch_gpu, rounds):
+    model, train = resolve_preset(preset, resolution=res, workers=workers, train_overrides=overrides)
+    assert (train.batch, train.batch_gpu, train.rounds) == (batch, batch_gpu, rounds)
+    assert train.round_batch * train.rounds * train.workers == train.batch
+    assert train.round_batch % min(model.mbstd_group, train.round_batch) == 0
+
+
 def test_run_config_json_roundtrip():
     model, train = resolve_preset("cpu-tiny", resolution=32)
     run = RunSpec(model, train, preset="cpu-tiny", data="d", out="o")
@@ -57,6 +92,12 @@ def test_run_config_json_roundtrip():
         (lambda: resolve_preset("auto", resolution=64, workers=0), r"--workers 0 must be >= 1"),
         (lambda: resolve_preset("auto", resolution=64, train_overrides={"batch": 6}), r"divisible by the minibatch std group"),
         (lambda: TrainConfig(augment_p=1.5), r"--augment-p 1.5 must lie in \[0, 1\]"),
+        (lambda: TrainConfig(batch=64, workers=2, batch_gpu=12),
+         r"--batch 64 must be a multiple of --workers 2 x --batch-gpu 12 = 24 .*try --batch 72 or --batch-gpu 8"),
+        (lambda: TrainConfig(batch=8, batch_gpu=0), r"--batch-gpu 0 must be >= 1"),
+        (lambda: resolve_preset("auto", resolution=256, train_overrides={"batch": 12, "batch_gpu": 6}),
+         r"a round of 6 images per worker .* minibatch std group 4 .* make --batch-gpu a multiple of 4"),
+        (lambda: TrainConfig(augment_pipe="bgx"), r"--augpipe 'bgx' must be one of blit, geom, color"),
         (lambda: TrainConfig(ada_target=1.0), r"--target 1.0 must lie in \(0, 1\)"),
     ],
 )

@@ -56,7 +56,7 @@ def test_a_queue_request_file_is_a_train_settings_file(tmp_path, tiny_data):
 
 
 @pytest.mark.parametrize("mapping, message", [
-    ({"lr_q": 0.1}, "unknown key 'lr_q': not a train setting (known: aug,"),
+    ({"lr_q": 0.1}, "unknown key 'lr_q': not a train setting (known: allow_tf32, aug,"),
     ({"mirror": 1}, "mirror (--mirror) = 1: a switch: write true or false"),
     ({"batch": "many"}, "batch (--batch) = 'many': expected a whole number"),
     ({"batch": 2.5}, "batch (--batch) = 2.5: expected a whole number"),
@@ -144,3 +144,33 @@ def test_a_missing_config_file_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--config", str(tmp_path / "none.yaml"), "--out", "o"])
     assert "--config " + str(tmp_path / "none.yaml") + ": No such file" in capsys.readouterr().err
+
+
+def test_the_reference_options_reach_the_run_from_every_route(tmp_path, tiny_data):
+    """--batch-gpu, --augpipe and --allow-tf32 from flags, a YAML file, a queued request and a sweep's trial."""
+    out = tmp_path / "run"
+    s = _train(["--data", str(tiny_data), "--out", str(out), "--preset", "cpu-tiny", "--batch", "8",
+                "--batch-gpu", "4", "--augpipe", "bgcfnc", "--allow-tf32"])
+    path = tmp_path / "train.yaml"
+    path.write_text(f"train:\n  data: {tiny_data}\n  out: {out}\n  preset: cpu-tiny\n  batch: 8\n  batch-gpu: 4\n"
+                    "  augpipe: bgcfnc\n  allow_tf32: true\n")
+    assert _train(["--config", str(path)]) == s and from_argv(s.to_argv()) == s
+    train = s.resolve(16, 3, 0).train
+    assert (train.batch_gpu, train.rounds, train.augment_pipe, train.allow_tf32) == (4, 2, "bgcfnc", True)
+    request = check_request("r", s.changed())
+    assert request.error is None and request.config["train"]["batch_gpu"] == 4
+    assert request.config["train"]["augment_pipe"] == "bgcfnc" and request.config["train"]["allow_tf32"] is True
+    trial = dataclasses.replace(s, batch_gpu=2, augpipe="bg", allow_tf32=False).resolve(16, 3, 0).train
+    assert (trial.batch_gpu, trial.rounds, trial.augment_pipe, trial.allow_tf32) == (2, 4, "bg", False)
+
+
+def test_the_reference_options_default_to_the_reference_and_reject_what_cannot_work():
+    defaults = TrainSettings(data="d", out="o", preset="paper512").resolve(512, 3, 0).train
+    assert (defaults.batch_gpu, defaults.rounds, defaults.augment_pipe, defaults.allow_tf32) == (8, 8, "bgc", False)
+    with pytest.raises(ValueError, match=r"--batch 12 must be a multiple of --workers 2 x --batch-gpu 4 = 8 .* try "
+                                         r"--batch 16 or --batch-gpu 3"):
+        TrainSettings(data="d", out="o", batch=12, workers=2, batch_gpu=4).resolve(64, 3, 0)
+    with pytest.raises(SettingsError, match="augpipe \\(--augpipe\\) = 'bgx': choose one of blit, geom, color"):
+        TrainSettings(data="d", out="o", augpipe="bgx")
+    with pytest.raises(SettingsError, match="batch_gpu \\(--batch-gpu\\) = 0: must be >= 1"):
+        TrainSettings(data="d", out="o", batch_gpu=0)

@@ -17,6 +17,25 @@ from typing import Any, Literal, Mapping
 MixedPrecision = Literal["bf16", "fp16", "off"]
 AugmentMode = Literal["ada", "fixed", "noaug"]
 
+# The augmentation pipelines of the reference's ``--augpipe``: which ops of the augment pipe are on (each with
+# probability multiplier 1). ``bgc`` (blit, geometric, color) is the ADA paper's default.
+_BLIT = ("xflip", "rotate90", "xint")
+_GEOM = ("scale", "rotate", "aniso", "xfrac")
+_COLOR = ("brightness", "contrast", "lumaflip", "hue", "saturation")
+AUGMENT_PIPES: dict[str, tuple[str, ...]] = {
+    "blit": _BLIT,
+    "geom": _GEOM,
+    "color": _COLOR,
+    "filter": ("imgfilter",),
+    "noise": ("noise",),
+    "cutout": ("cutout",),
+    "bg": _BLIT + _GEOM,
+    "bgc": _BLIT + _GEOM + _COLOR,
+    "bgcf": _BLIT + _GEOM + _COLOR + ("imgfilter",),
+    "bgcfn": _BLIT + _GEOM + _COLOR + ("imgfilter", "noise"),
+    "bgcfnc": _BLIT + _GEOM + _COLOR + ("imgfilter", "noise", "cutout"),
+}
+
 
 def _is_power_of_two(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
@@ -74,6 +93,9 @@ class TrainConfig:
 
     batch: int = 32  # Total batch over all workers.
     workers: int = 1  # Training processes (one per GPU); batch is split evenly.
+    # Images per worker per round: each worker accumulates gradients over batch / (workers * batch_gpu) rounds
+    # before an optimizer step (the reference's batch_gpu). None = one round of the whole per-worker batch.
+    batch_gpu: int | None = None
     lr_g: float = 0.002  # Generator learning rate (before lazy-regularisation correction).
     lr_d: float = 0.002  # Discriminator learning rate.
     betas: tuple[float, float] = (0.0, 0.99)  # Adam betas (before lazy-regularisation correction).
@@ -89,6 +111,7 @@ class TrainConfig:
     ema_rampup: float | None = None  # Ramp-up of the EMA half-life (fraction of images seen); None = off.
     augment: AugmentMode = "ada"  # ada = adaptive p, fixed = constant augment_p, noaug = off.
     augment_p: float = 0.0  # Initial (ada) or constant (fixed) augmentation probability.
+    augment_pipe: str = "bgc"  # Which augmentations (the reference's --augpipe): a key of AUGMENT_PIPES.
     ada_target: float = 0.6  # Target value of r_t = E[sign(D(real))].
     ada_interval: int = 4  # Adjust p every this many minibatches.
     ada_kimg: float = 500.0  # p can go from 0 to 1 in this many kimg.
@@ -97,6 +120,7 @@ class TrainConfig:
     snap: int = 50  # Checkpoint and sample grid every this many ticks.
     seed: int = 0  # Global random seed.
     mirror: bool = False  # Add x-flipped copies of the data (done on the fly).
+    allow_tf32: bool = False  # Let CUDA matmuls and convolutions use TF32 in the training step (reference: off).
     keep_checkpoints: int = 3  # Keep this many latest checkpoints (plus the best one).
     unstable_ticks: int = 3  # Roll back after this many consecutive collapsed ticks (NaN/Inf losses: at once).
     collapse_d_loss: float = 0.05  # A tick is collapsed when the D loss is below this while the G loss climbs.
@@ -113,6 +137,7 @@ class TrainConfig:
             raise ValueError(
                 f"--batch {self.batch} must be a multiple of --workers {self.workers} (try --batch {fix})"
             )
+        self._check_batch_gpu()
         for name in ("lr_g", "lr_d", "ema_kimg", "ada_kimg", "tick_kimg"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
@@ -136,14 +161,41 @@ class TrainConfig:
             raise ValueError(f"--augment-p {self.augment_p} must lie in [0, 1]")
         if self.augment not in ("ada", "fixed", "noaug"):
             raise ValueError(f"--augment {self.augment!r} must be one of ada, fixed, noaug")
+        if self.augment_pipe not in AUGMENT_PIPES:
+            raise ValueError(f"--augpipe {self.augment_pipe!r} must be one of {', '.join(AUGMENT_PIPES)}")
         if not 0.0 < self.ada_target < 1.0:
             raise ValueError(f"--target {self.ada_target} must lie in (0, 1) (the paper uses 0.6)")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas {self.betas} must be two values in [0, 1)")
 
+    def _check_batch_gpu(self) -> None:
+        if self.batch_gpu is None:
+            return
+        if self.batch_gpu < 1:
+            raise ValueError(f"--batch-gpu {self.batch_gpu} must be >= 1 (images per worker per round)")
+        step = self.workers * self.batch_gpu
+        if self.batch % step != 0:
+            per_worker = self.batch // self.workers
+            divisor = max(d for d in range(1, min(self.batch_gpu, per_worker) + 1) if per_worker % d == 0)
+            raise ValueError(
+                f"--batch {self.batch} must be a multiple of --workers {self.workers} x --batch-gpu {self.batch_gpu} "
+                f"= {step} (each worker accumulates rounds of --batch-gpu images); "
+                f"try --batch {max(step, round(self.batch / step) * step)} or --batch-gpu {divisor}"
+            )
+
     @property
     def batch_per_worker(self) -> int:
         return self.batch // self.workers
+
+    @property
+    def round_batch(self) -> int:
+        """Images per worker per round (--batch-gpu; the whole per-worker batch when unset)."""
+        return self.batch_gpu or self.batch_per_worker
+
+    @property
+    def rounds(self) -> int:
+        """Rounds each worker accumulates gradients over before an optimizer step."""
+        return self.batch_per_worker // self.round_batch
 
 
 @dataclass(frozen=True)
@@ -233,6 +285,32 @@ def auto_batch(resolution: int, workers: int) -> int:
     return max(min(workers * min(4096 // resolution, 32), 64), workers)
 
 
+def filled_spec(spec: PresetSpec, resolution: int, workers: int) -> PresetSpec:
+    """The preset with its computed (``None``) fields filled in as the reference's ``train.py`` does: from the
+    resolution and the worker count only, never from an overriding ``--batch`` (which changes the batch alone)."""
+    batch = spec.batch if spec.batch is not None else auto_batch(resolution, workers)
+    ref_workers = spec.ref_workers if spec.ref_workers is not None else workers
+    return dataclasses.replace(
+        spec,
+        ref_workers=ref_workers,
+        batch=batch,
+        mbstd=spec.mbstd if spec.mbstd is not None else min(max(batch // workers, 1), 4),
+        fmaps=spec.fmaps if spec.fmaps is not None else (1.0 if resolution >= 512 else 0.5),
+        lr=spec.lr if spec.lr is not None else (0.002 if resolution >= 1024 else 0.0025),
+        gamma=spec.gamma if spec.gamma is not None else 0.0002 * resolution**2 / batch,
+        ema_kimg=spec.ema_kimg if spec.ema_kimg is not None else batch * 10 / 32,
+    )
+
+
+def default_batch_gpu(spec: PresetSpec, batch: int, workers: int, batch_given: bool) -> int:
+    """The reference's batch_gpu: ``--batch / --workers`` when --batch is given, else the preset's batch over the
+    GPUs it was tuned for (paper512 on one GPU: 8 rounds of 8), never more than this worker's share."""
+    per_worker = max(batch // workers, 1)
+    if batch_given or spec.batch is None or spec.ref_workers is None:
+        return per_worker
+    return min(max(spec.batch // spec.ref_workers, 1), per_worker)
+
+
 def resolve_preset(
     name: str,
     *,
@@ -246,57 +324,68 @@ def resolve_preset(
     """Model and training configs for a named preset, as the reference's ``train.py --cfg NAME``.
 
     ``auto`` derives batch, minibatch std group, channels, learning rate, gamma and EMA from the resolution
-    and the worker count exactly as the reference does. Overrides (e.g. from CLI flags) apply last.
+    and the worker count exactly as the reference does; an explicit ``batch`` changes the batch only.
+    Overrides (e.g. from CLI flags) apply last.
     """
     if name not in PRESETS:
         raise ValueError(f"--preset {name!r} is unknown; choose one of: {', '.join(PRESETS)}")
-    spec = PRESETS[name]
     if not (_is_power_of_two(resolution) and resolution >= 4):
         ModelConfig(resolution=resolution)  # raises the standard message
     if workers < 1:
         raise ValueError(f"--workers {workers} must be >= 1")
+    spec = filled_spec(PRESETS[name], resolution, workers)
+    train_overrides = {k: v for k, v in (train_overrides or {}).items() if v is not None}
+    batch = int(train_overrides.get("batch", spec.batch))
+    batch_gpu = int(train_overrides.get("batch_gpu", default_batch_gpu(spec, batch, workers, "batch" in train_overrides)))
+    model_kwargs = _preset_model(spec, resolution, img_channels, c_dim, batch_gpu)
+    model_kwargs.update({k: v for k, v in (model_overrides or {}).items() if v is not None})
+    train_kwargs = {**_preset_train(spec, batch, workers, batch_gpu), **train_overrides}
+    if "betas" in train_kwargs:
+        train_kwargs["betas"] = tuple(train_kwargs["betas"])
+    model = ModelConfig(**model_kwargs)
+    train = TrainConfig(**train_kwargs)
+    check_mbstd_round(model, train, name)
+    return model, train
 
-    batch = spec.batch if spec.batch is not None else auto_batch(resolution, workers)
-    if train_overrides and train_overrides.get("batch") is not None:
-        batch = int(train_overrides["batch"])
-    mbstd = spec.mbstd if spec.mbstd is not None else min(max(batch // workers, 1), 4)
-    mbstd = min(mbstd, max(batch // workers, 1))  # a group can never exceed the per-worker batch
-    fmaps = spec.fmaps if spec.fmaps is not None else (1.0 if resolution >= 512 else 0.5)
-    lr = spec.lr if spec.lr is not None else (0.002 if resolution >= 1024 else 0.0025)
-    gamma = spec.gamma if spec.gamma is not None else 0.0002 * resolution**2 / batch
-    ema = spec.ema_kimg if spec.ema_kimg is not None else batch * 10 / 32
 
-    model_kwargs: dict[str, Any] = dict(
+def _preset_model(spec: PresetSpec, resolution: int, img_channels: int, c_dim: int, batch_gpu: int) -> dict[str, Any]:
+    """ModelConfig's arguments from a filled preset."""
+    return dict(
         resolution=resolution,
         img_channels=img_channels,
         c_dim=c_dim,
         z_dim=spec.z_dim,
         w_dim=spec.w_dim,
         mapping_layers=spec.map,
-        channel_base=int(fmaps * 32768),
+        channel_base=int(spec.fmaps * 32768),
         channel_max=spec.channel_max,
-        mbstd_group=mbstd,
+        mbstd_group=min(spec.mbstd, max(batch_gpu, 1)),  # D groups min(group, round) samples anyway
         **dict(spec.extra_model),
     )
-    model_kwargs.update({k: v for k, v in (model_overrides or {}).items() if v is not None})
-    train_kwargs: dict[str, Any] = dict(
+
+
+def _preset_train(spec: PresetSpec, batch: int, workers: int, batch_gpu: int) -> dict[str, Any]:
+    """TrainConfig's arguments from a filled preset."""
+    return dict(
         batch=batch,
         workers=workers,
-        lr_g=lr,
-        lr_d=lr,
-        r1_gamma=gamma,
-        ema_kimg=ema,
+        batch_gpu=batch_gpu,
+        lr_g=spec.lr,
+        lr_d=spec.lr,
+        r1_gamma=spec.gamma,
+        ema_kimg=spec.ema_kimg,
         ema_rampup=spec.ramp,
         **dict(spec.extra_train),
     )
-    train_kwargs.update({k: v for k, v in (train_overrides or {}).items() if v is not None})
-    if "betas" in train_kwargs:
-        train_kwargs["betas"] = tuple(train_kwargs["betas"])
-    model = ModelConfig(**model_kwargs)
-    train = TrainConfig(**train_kwargs)
-    if train.batch_per_worker % model.mbstd_group != 0:
+
+
+def check_mbstd_round(model: ModelConfig, train: TrainConfig, preset: str = "custom") -> None:
+    """The discriminator's minibatch std layer splits each round's images into groups of
+    min(mbstd_group, round) samples: a round must hold a whole number of groups."""
+    group = min(model.mbstd_group, train.round_batch)
+    if train.round_batch % group != 0:
         raise ValueError(
-            f"per-worker batch {train.batch_per_worker} (--batch {train.batch} / --workers {train.workers}) "
-            f"must be divisible by the minibatch std group {model.mbstd_group} (change --batch or --workers)"
+            f"a round of {train.round_batch} images per worker (--batch {train.batch} / --workers {train.workers}"
+            f" / {train.rounds} round(s) of --batch-gpu) must be divisible by the minibatch std group {group} of "
+            f"--preset {preset}; make --batch-gpu a multiple of {group} (or change --batch)"
         )
-    return model, train

@@ -30,7 +30,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from styleray.config import PRESETS, RunSpec, resolve_preset
+from styleray.config import AUGMENT_PIPES, PRESETS, RunSpec, resolve_preset
 
 QUEUE_KEYS = ("name", "priority", "max_attempts")  # what a queue request file may hold beside its settings
 
@@ -115,6 +115,11 @@ class TrainSettings:
                                allowed=">= 1")
     batch: int | None = setting(None, "total batch size over all workers (preset default)", check=at_least(1),
                                 allowed=">= 1")
+    batch_gpu: int | None = setting(
+        None, "images per worker per round: each worker accumulates gradients over --batch / (--workers x "
+        "--batch-gpu) rounds before a step (less memory, the same training); default: the preset's batch over the "
+        "GPUs it was tuned for, as the reference (paper512: 8), or --batch / --workers when --batch is given",
+        check=at_least(1), allowed=">= 1", metavar="N")
     map: int | None = setting(None, "mapping network depth in layers (preset default)", check=at_least(1),
                               allowed=">= 1")
     cond: bool = setting(False, "class-conditional training from dataset.json labels")
@@ -129,6 +134,9 @@ class TrainSettings:
                             check=at_least(0), allowed=">= 0", metavar="N")
     # -- augmentation
     aug: str = setting("ada", "augmentation mode", choices=("ada", "fixed", "noaug"))
+    augpipe: str = setting("bgc", "which augmentations, as the reference's --augpipe: blit (flips, 90-degree turns, "
+                           "integer shifts), geom (scale, rotation, anisotropy, fractional shifts), color, filter, "
+                           "noise, cutout, and their sums", choices=tuple(AUGMENT_PIPES))
     augment_p: float | None = setting(None, "initial (ada) or constant (fixed) augment probability",
                                       check=within(0, 1), allowed="in [0, 1]")
     target: float | None = setting(None, "ADA target for r_t", check=within(0, 1, open_lo=True, open_hi=True),
@@ -144,6 +152,8 @@ class TrainSettings:
     workers: int = setting(1, "training processes (Ray Train workers; one per GPU)", check=at_least(1),
                            allowed=">= 1")
     gpus: bool = setting(False, "one GPU per worker (NCCL); default: CPU workers (gloo)")
+    allow_tf32: bool = setting(False, "let CUDA matmuls and convolutions of the training step use TF32 (faster on "
+                               "Ampere and later, less exact); off as in the reference")
     cpus_per_worker: float | None = setting(None, "CPUs reserved per worker (default: 1 with --gpus, 0.9 on CPU)",
                                             check=positive, allowed="> 0", portable=False)
     max_failures: int = setting(3, "restart failed workers from the last checkpoint this many times (-1: no "
@@ -267,9 +277,10 @@ class TrainSettings:
             c_dim=num_classes if self.cond else 0,
             model_overrides=dict(mapping_layers=self.map),
             train_overrides=dict(
-                batch=self.batch, kimg=self.kimg, tick_kimg=self.tick, snap=self.snap, r1_gamma=self.gamma,
-                lr_g=self.lr_g or self.lr, lr_d=self.lr_d or self.lr, augment=self.aug, augment_p=self.augment_p,
-                ada_target=self.target, mirror=self.mirror or None, seed=self.seed, keep_checkpoints=self.keep,
+                batch=self.batch, batch_gpu=self.batch_gpu, kimg=self.kimg, tick_kimg=self.tick, snap=self.snap,
+                r1_gamma=self.gamma, lr_g=self.lr_g or self.lr, lr_d=self.lr_d or self.lr, augment=self.aug,
+                augment_pipe=self.augpipe, augment_p=self.augment_p, ada_target=self.target,
+                mirror=self.mirror or None, allow_tf32=self.allow_tf32, seed=self.seed, keep_checkpoints=self.keep,
                 max_rollbacks=self.max_rollbacks, freeze_d=self.freeze_d,
             ),
         )

@@ -10,18 +10,23 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
-from styleray.models.augment import (
+from styleray.models.ada import AdaController
+from styleray.config import AUGMENT_PIPES
+from styleray.models.augment import AugmentPipe, AugmentSpec
+from styleray.models.augment_ops import (
     CDF97_DOWN,
     CDF97_UP,
-    AdaController,
-    AugmentPipe,
+    apply_filter_bank,
     blit,
+    cutout_mask,
+    octave_filter_bank,
     resample,
 )
 
 GEOMETRIC_OPS = ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac")
 COLOR_OPS = ("brightness", "contrast", "lumaflip", "hue", "saturation")
-ALL_OPS = GEOMETRIC_OPS + COLOR_OPS
+IMAGE_OPS = ("imgfilter", "noise", "cutout")
+ALL_OPS = GEOMETRIC_OPS + COLOR_OPS + IMAGE_OPS
 
 
 def only(op: str | None, p: float, **settings: float) -> AugmentPipe:
@@ -75,6 +80,9 @@ def test_rejects_bad_input_with_clear_errors() -> None:
         bgc(0.5)(torch.randn(2, 4, 16, 16))
     with pytest.raises(ValueError, match="xflip=-1"):
         AugmentPipe(xflip=-1)
+    with pytest.raises(ValueError, match=r"imgfilter_bands=\(1, -1, 1, 1\)\): each value must be"):
+        AugmentPipe(imgfilter_bands=[1, -1, 1, 1])
+    assert AugmentPipe(imgfilter_bands=[1, 1, 0, 1]).spec.imgfilter_bands == (1, 1, 0, 1)  # a list is kept as a tuple
     only("rotate", 1.0)(torch.randn(2, 4, 16, 16))  # geometry alone works for any channel count
 
 
@@ -98,7 +106,9 @@ EXPECTED_RATE = {
     "rotate90": P * 3 / 4,
     "xint": P * 15 / 16,
     "lumaflip": P / 2,
+    "imgfilter": 1 - (1 - P) ** 4,  # four octaves, each firing on its own
     **{op: P for op in ("scale", "rotate", "aniso", "xfrac", "brightness", "contrast", "hue", "saturation")},
+    **{op: P for op in ("noise", "cutout")},
 }
 
 
@@ -110,9 +120,9 @@ def test_each_op_fires_at_its_rate(op: str) -> None:
     images = torch.rand(n, channels, 16, 16) * 2 - 1
     out = only(op, P)(images)
     change = (out - images).flatten(1).abs().amax(dim=1)  # [N]
-    if op in ("scale", "rotate", "aniso", "xfrac"):
-        # Images where the op did not fire are still resampled with the batch: identity up to float32 rounding
-        # (~1e-5). A fired op changes an image by far more, except for a vanishing fraction of draws.
+    if op in ("scale", "rotate", "aniso", "xfrac", "imgfilter"):
+        # Images where the op did not fire are still resampled (filtered) with the batch: identity up to float32
+        # rounding (~1e-5). A fired op changes an image by far more, except for a vanishing fraction of draws.
         changed = change > 3e-5
     else:
         changed = change > 0  # blitting and color matrices leave unfired images bit-identical
@@ -145,9 +155,19 @@ def test_rotate90_and_xint_are_exact_pixel_moves() -> None:
         assert torch.isin(result, image).all()
 
 
-def test_one_channel_gets_only_brightness_and_contrast() -> None:
-    images = torch.randn(16, 1, 8, 8)
-    for op in ("lumaflip", "hue", "saturation"):
+def test_one_channel_luma_flip_negates_about_half_and_hue_saturation_do_nothing() -> None:
+    """A one-channel image is gray (r = g = b): a luma flip reflects it through 0, as the reference does."""
+    images = torch.randn(400, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(4)
+    out = only("lumaflip", 1.0)(images)
+    negated = (out + images).flatten(1).abs().amax(dim=1) < 1e-5  # gain -1 up to float rounding
+    same = (out == images).flatten(1).all(dim=1)
+    assert bool((negated | same).all())
+    assert abs(negated.double().mean().item() - 0.5) < 4.5 * math.sqrt(0.25 / 400)
+    rgb = only("lumaflip", 1.0)  # the same draws on the image repeated in three channels: its channel mean
+    torch.manual_seed(4)
+    assert torch.allclose(rgb(images.expand(-1, 3, -1, -1)).mean(dim=1, keepdim=True), out, atol=1e-6)
+    for op in ("hue", "saturation"):
         assert torch.equal(only(op, 1.0)(images), images)
     out = only("brightness", 1.0)(images)
     offset = (out - images).flatten(1)  # one offset per image
@@ -249,6 +269,102 @@ def test_resample_pads_enough_that_borders_match_a_larger_mirrored_canvas() -> N
     assert torch.allclose(out, reference, atol=1e-10, rtol=0)
 
 
+def cosine_image(size: int, kx: int, ky: int) -> torch.Tensor:
+    """cos(pi kx u) cos(pi ky v), u and v from 0 at the first pixel center to 1 at the last: symmetric about
+    both edges, so its reflection beyond the frame (what the pipe pads with) is the same smooth function."""
+    u = torch.arange(size, dtype=torch.float64) / (size - 1)
+    return (torch.cos(math.pi * kx * u)[None, :] * torch.cos(math.pi * ky * u)[:, None])[None, None]
+
+
+def cosine_at(size: int, kx: int, ky: int, inverse: torch.Tensor) -> torch.Tensor:
+    """The cosine image at the input positions ``inverse`` [N, 3, 3] maps every output pixel to: [N, 1, H, W]."""
+    c = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    ys, xs = torch.meshgrid(c, c, indexing="ij")
+    source = inverse.double() @ torch.stack([xs.flatten(), ys.flatten(), torch.ones(size * size, dtype=torch.float64)])
+    u, v = (source[:, :2] + (size - 1) / 2).unbind(dim=1)  # [N, H*W] each, in pixels from the first center
+    return (torch.cos(math.pi * kx * u / (size - 1)) * torch.cos(math.pi * ky * v / (size - 1))).reshape(-1, 1, size, size)
+
+
+def test_integer_and_general_geometry_compose_into_one_resampling_of_the_original() -> None:
+    """xint with scale, aniso and xfrac: the pipe applies the composed matrix once to the reflect-padded original,
+    i.e. its output is the continuous image at the composed positions (up to the filters' error, inside the
+    frame and in the mirrored margins alike), and equals `resample` of the composed matrix."""
+    size, n, p = 32, 64, 1.0
+    pipe = AugmentPipe(**{op: float(op in ("xint", "scale", "aniso", "xfrac")) for op in ALL_OPS})
+    pipe.p.fill_(p)
+    images = cosine_image(size, 2, 1).float().expand(n, 3, size, size)
+    torch.manual_seed(12)
+    out = pipe(images)
+    torch.manual_seed(12)  # the same draws, in the pipe's order: the blitting matrix, then the general one
+    inverse = pipe._blit_inverse(n, size, size, p, images.device) @ pipe._general_inverse(n, size, size, p, images.device)
+    assert (inverse[:, :2, 2] - inverse[:, :2, 2].round()).abs().amax() > 0.1  # fractional shifts were drawn
+    torch.testing.assert_close(out, resample(images, inverse, pipe.up_taps, pipe.down_taps), atol=1e-6, rtol=0)
+    expected = cosine_at(size, 2, 1, inverse).float()
+    assert (out - expected).abs().amax() < 2e-2
+
+
+# -- image-space filtering and corruptions ---------------------------------------------------------------------
+
+
+def test_filter_bank_splits_into_symmetric_octaves_that_add_up_to_the_identity() -> None:
+    bank = octave_filter_bank()  # [4, 43]
+    assert bank.shape == (4, 43) and torch.equal(bank, bank.flip(1))
+    identity = torch.zeros(43, dtype=torch.float64)
+    identity[21] = 1
+    torch.testing.assert_close(bank.sum(dim=0), identity, atol=1e-15, rtol=0)
+    response = torch.fft.rfft(bank, n=256).abs()  # [bands, frequencies 0 .. pi]
+    peaks = response.argmax(dim=1) / 128  # fraction of Nyquist
+    assert peaks[0] == 0 and 0.1 < peaks[1] < 0.2 and 0.2 < peaks[2] < 0.45 and peaks[3] > 0.6, peaks.tolist()
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)  # unit gains: the identity, at any image size
+    torch.testing.assert_close(apply_filter_bank(images, torch.ones(2, 4), bank), images, atol=1e-12, rtol=0)
+
+
+def test_filter_gains_scale_an_octave_and_keep_a_1_over_f_spectrum_power_per_octave() -> None:
+    size = 64
+    x = torch.arange(size, dtype=torch.float64)
+    top = torch.cos(math.pi * 0.9 * x)[None, None, None, :].expand(1, 1, size, size)  # near Nyquist: band 3
+    gains = torch.tensor([[1.0, 1.0, 1.0, 3.0]])
+    out = apply_filter_bank(top, gains, octave_filter_bank())
+    assert torch.allclose(out[..., 24:40], 3 * top[..., 24:40], atol=0.05)
+    # One octave amplified: all four rescaled so that a 1/f spectrum (power 10:1:1:1) keeps its power.
+    pipe = only("imgfilter", 1.0, imgfilter_bands=(0, 0, 0, 1))
+    torch.manual_seed(13)
+    drawn = pipe._filter_gains(4000, 1.0, torch.device("cpu"))  # [N, 4]
+    power = (drawn.square() * torch.tensor([10, 1, 1, 1]) / 13).sum(dim=1)
+    torch.testing.assert_close(power, torch.ones_like(power), atol=1e-5, rtol=0)
+    assert torch.allclose(drawn[:, :3], drawn[:, :1].expand(-1, 3)) and drawn[:, 3].std() > 0.5
+
+
+def test_noise_adds_gaussian_noise_of_a_half_normal_strength() -> None:
+    torch.manual_seed(14)
+    images = torch.rand(2000, 3, 16, 16) * 2 - 1
+    out = only("noise", 1.0)(images)
+    strength = (out - images).flatten(1).std(dim=1)  # per image: |N(0, 1)| * noise_std
+    assert abs(strength.mean().item() - 0.1 * math.sqrt(2 / math.pi)) < 3e-3
+    assert abs(strength.std().item() - 0.1 * math.sqrt(1 - 2 / math.pi)) < 3e-3
+
+
+def test_cutout_zeroes_one_half_size_square_per_image() -> None:
+    mask = cutout_mask(32, 32, torch.tensor([[0.5, 0.5], [0.0, 1.0], [0.3, 0.6]]), torch.tensor([0.5, 0.5, 0.0]))
+    assert mask.shape == (3, 1, 32, 32)
+    assert torch.equal(mask[0, 0, 8:24, 8:24], torch.zeros(16, 16)) and mask[0].sum() == 32 * 32 - 16 * 16
+    assert mask[1].sum() == 32 * 32 - 8 * 8 and torch.equal(mask[1, 0, 24:, :8], torch.zeros(8, 8))  # a corner
+    assert torch.equal(mask[2], torch.ones(1, 32, 32))  # size 0: no cutout
+    torch.manual_seed(15)
+    images = torch.rand(8, 3, 32, 32) + 1  # never 0 before the cutout
+    zeroed = (only("cutout", 1.0)(images) == 0).all(dim=1)  # [N, H, W]
+    assert all(0 < z.sum() <= 16 * 16 for z in zeroed)
+
+
+@pytest.mark.parametrize("name", list(AUGMENT_PIPES))
+def test_named_pipes_turn_on_exactly_the_reference_ops(name: str) -> None:
+    spec = AugmentPipe.named(name).spec
+    assert {op for op in ALL_OPS if getattr(spec, op) > 0} == set(AUGMENT_PIPES[name])
+    assert all(getattr(spec, op) in (0.0, 1.0) for op in ALL_OPS)
+    with pytest.raises(ValueError, match="augment pipe 'bgx' is unknown; choose one of: blit"):
+        AugmentSpec.named("bgx")
+
+
 # -- color ------------------------------------------------------------------------------------------------------
 
 
@@ -324,12 +440,14 @@ def test_r1_penalty_backpropagates_through_augmentation() -> None:
     assert reals.grad is not None and torch.isfinite(reals.grad).all() and reals.grad.abs().sum() > 0
 
 
-def test_pipe_gradcheck_and_gradgradcheck_in_float64() -> None:
+@pytest.mark.parametrize("name", ["bgc", "bgcfnc"])
+def test_pipe_gradcheck_and_gradgradcheck_in_float64(name: str) -> None:
     """D(augment(x)) with every op on: first and second derivatives match finite differences. The random draws
     are pinned by reseeding inside the function, so every evaluation applies the same augmentation."""
     torch.manual_seed(9)
     d = TinyD(3).double()
-    pipe = bgc(1.0)
+    pipe = AugmentPipe.named(name)
+    pipe.p.fill_(1.0)
     images = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
 
     def discriminate(x: torch.Tensor) -> torch.Tensor:

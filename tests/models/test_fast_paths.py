@@ -10,6 +10,14 @@ from torch.autograd import gradcheck, gradgradcheck
 
 from styleray.config import ModelConfig, TrainConfig
 from styleray.models import layers
+from styleray.models.phases import (
+    DiscriminatorMain,
+    DiscriminatorR1,
+    GeneratorMain,
+    GeneratorPathLength,
+    Phase,
+    Round,
+)
 from styleray.models.training import StyleGAN2Trainer
 
 # conv2d configurations the networks use: 3x3 same, valid stride-2 (D down), transposed stride-2 (G up),
@@ -147,24 +155,17 @@ def tiny_cfgs():
     return model, train
 
 
-def phase_grads(trainer: StyleGAN2Trainer, phase: str, real: torch.Tensor) -> list[torch.Tensor]:
-    """Gradients of one phase (no optimizer step), from a fixed RNG state."""
-    is_g = phase.startswith("G")
-    module = trainer.G if is_g else trainer.D
+def phase_grads(trainer: StyleGAN2Trainer, phase: Phase, real: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of one phase on one round (no optimizer step), from a fixed RNG state."""
+    module = trainer.G if phase.trains_generator else trainer.D
     module.zero_grad(set_to_none=True)
     pl_mean, w_avg = trainer.pl_mean.clone(), trainer.G.mapping.w_avg.clone()
     torch.manual_seed(123)
     real = real.contiguous(memory_format=trainer.memory_format)
-    trainer.G.requires_grad_(is_g)
-    trainer.D.requires_grad_(not is_g)
-    if phase == "Gmain":
-        trainer._phase_g_main(None)
-    elif phase == "Greg":
-        trainer._phase_g_reg(None, 2)
-    elif phase == "Dmain":
-        trainer._phase_d_main(real, None)
-    else:
-        trainer._phase_d_reg(real, None, 4)
+    trainer.G.requires_grad_(phase.trains_generator)
+    trainer.D.requires_grad_(not phase.trains_generator)
+    z = torch.randn([real.shape[0], trainer.model_cfg.z_dim])
+    phase.accumulate(trainer, Round(real, None, z, None), gain=phase.interval)
     trainer.pl_mean.copy_(pl_mean)  # the next call starts from the same state
     trainer.G.mapping.w_avg.copy_(w_avg)
     return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in module.parameters()]
@@ -176,7 +177,11 @@ def assert_grads_close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
         torch.testing.assert_close(ga / scale, gb / scale, atol=2e-4, rtol=0)
 
 
-@pytest.mark.parametrize("phase", ["Gmain", "Greg", "Dmain", "Dreg"])
+@pytest.mark.parametrize(
+    "phase",
+    [GeneratorMain(), GeneratorPathLength(2), DiscriminatorMain(), DiscriminatorR1(4)],
+    ids=lambda phase: phase.name,
+)
 def test_every_phase_fast_matches_reference(phase):
     model, train = tiny_cfgs()
     trainer = StyleGAN2Trainer(model, train)

@@ -1,5 +1,6 @@
 """The training step: exact resume, lazy regularisation, EMA, ADA wiring, process-group consistency."""
 
+import functools
 import io
 import os
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.autograd import gradcheck
 
 from styleray.config import ModelConfig, TrainConfig
 from styleray.models import loss as L
@@ -31,10 +33,11 @@ def flat_params(trainer: StyleGAN2Trainer) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for net in nets for p in net.parameters()])
 
 
-def test_resume_is_exact():
+@pytest.mark.parametrize("batch_gpu", [None, 2])
+def test_resume_is_exact(batch_gpu):
     """N steps, save, reload into a fresh object, N more == 2N uninterrupted (to 1e-6)."""
     n = 8
-    model, train = tiny_cfgs()
+    model, train = tiny_cfgs(batch_gpu=batch_gpu)
     ref = StyleGAN2Trainer(model, train)
     for i in range(2 * n):
         ref.step(reals(i))
@@ -72,9 +75,12 @@ def test_phases_and_lazy_regularisation_hparams():
     s0, s1 = tr.step(reals(0)), tr.step(reals(1))
     assert "pl_penalty" in s0 and "r1_penalty" in s0
     assert "pl_penalty" not in s1 and "r1_penalty" not in s1
+    # A regulariser switched off leaves its phase out but keeps the lazy lr/beta correction (reference).
     no_reg = StyleGAN2Trainer(model, TrainConfig(**{**train.__dict__, "pl_weight": 0.0, "r1_gamma": 0.0}))
     assert [p.name for p in no_reg.phases] == ["Gmain", "Dmain"]
-    assert no_reg.opt_D.param_groups[0]["lr"] == train.lr_d
+    assert no_reg.opt_D.param_groups[0]["lr"] == pytest.approx(train.lr_d * 16 / 17)
+    assert no_reg.opt_D.param_groups[0]["betas"][1] == pytest.approx(0.99 ** (16 / 17))
+    assert no_reg.opt_G.param_groups[0]["lr"] == pytest.approx(train.lr_g * 4 / 5)
 
 
 def test_ema_tracks_generator_with_rampup():
@@ -111,6 +117,141 @@ def test_losses_on_known_functions():
     assert mean.item() > 0
 
 
+def test_path_length_gradient_flows_through_the_batch_mean():
+    """The running mean moves to lerp(pl_mean, mean(lengths), decay) with the batch mean kept in the graph, as in
+    the reference: the penalty's analytic gradient then matches finite differences (with a detached mean it
+    misses the decay-weighted mean term, ~1% early in training, and gradcheck fails)."""
+    torch.manual_seed(0)
+    ws0 = torch.randn(5, 2, 3, dtype=torch.float64)
+    weight = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)  # a tiny nonlinear "generator"
+
+    def penalty(weight: torch.Tensor) -> torch.Tensor:
+        ws = ws0.clone().requires_grad_(True)
+        img = torch.tanh(ws.sum(dim=1) @ weight).reshape(5, 1, 4, 4)
+        with torch.random.fork_rng(devices=[]):  # the same projection noise at every evaluation
+            torch.manual_seed(1)
+            pen, _ = L.path_length_penalty(img, ws, torch.tensor(0.3, dtype=torch.float64), decay=0.5)
+        return pen.sum()
+
+    assert gradcheck(penalty, (weight,))
+
+
+def _record_grads_at_optimizer_steps(trainer: StyleGAN2Trainer) -> list[dict[str, torch.Tensor]]:
+    """Every optimizer step of the trainer records the gradients it is about to apply."""
+    recorded: list[dict[str, torch.Tensor]] = []
+    for opt, net in ((trainer.opt_G, trainer.G), (trainer.opt_D, trainer.D)):
+        def step(*args, _opt_step=opt.step, _net=net, **kwargs):
+            recorded.append({k: p.grad.clone() for k, p in _net.named_parameters() if p.grad is not None})
+            return _opt_step(*args, **kwargs)
+
+        opt.step = step
+    return recorded
+
+
+def test_rounds_accumulate_to_one_pass_of_the_same_images():
+    """batch 8 in 4 rounds of 2 == one pass of 8, phase by phase (G main, D main, R1), up to rounding and the
+    reference's own scale: each round adds its mean loss, so k rounds give k times the one-pass gradient (Adam's
+    update does not depend on it). Where the reference's rounds differ from one pass, the test holds them
+    still: minibatch-std groups form within a round (group 1 here); style mixing, augmentation and synthesis
+    noise are drawn per round (off here; the main phases' synthesis uses its constant noise maps); and the
+    path-length mean moves once per round (off here)."""
+    model, _ = tiny_cfgs()
+    model = ModelConfig(**{**model.__dict__, "mbstd_group": 1})
+    grads = {}
+    for batch_gpu in (None, 2):
+        _, train = tiny_cfgs(batch=8, batch_gpu=batch_gpu, augment="noaug", style_mixing=0.0, pl_weight=0.0)
+        trainer = StyleGAN2Trainer(model, train)
+        trainer._synthesis_main = functools.partial(trainer.G.synthesis, noise_mode="const")
+        grads[batch_gpu] = _record_grads_at_optimizer_steps(trainer)
+        trainer.step(reals(0, n=8))
+    assert [p.name for p in trainer.phases] == ["Gmain", "Dmain", "Dreg"] and len(grads[2]) == 3
+    for one_pass, rounds in zip(grads[None], grads[2]):
+        assert one_pass.keys() == rounds.keys()
+        for name in one_pass:
+            scale = one_pass[name].abs().max().item() + 1e-12
+            torch.testing.assert_close(rounds[name] / 4 / scale, one_pass[name] / scale, atol=2e-5, rtol=0)
+
+
+def test_path_length_mean_moves_once_per_round(monkeypatch):
+    """Each round's penalty is taken against the running mean after that round's update (the reference)."""
+    calls = []
+    original = L.path_length_penalty
+
+    def recording(img, ws, pl_mean, decay):
+        penalty, new_mean = original(img, ws, pl_mean, decay)
+        calls.append((img.shape[0], pl_mean.clone(), new_mean.detach().clone()))
+        return penalty, new_mean
+
+    monkeypatch.setattr(L, "path_length_penalty", recording)
+    model, train = tiny_cfgs(batch=8, batch_gpu=4, pl_decay=0.5)
+    trainer = StyleGAN2Trainer(model, train)
+    trainer.step(reals(0, n=8))
+    assert [c[0] for c in calls] == [2, 2]  # two rounds of 4 // pl_batch_shrink 2
+    assert float(calls[0][1]) == 0.0 and torch.equal(calls[1][1], calls[0][2])
+    assert torch.equal(trainer.pl_mean, calls[1][2]) and float(calls[1][2]) != float(calls[0][2])
+
+
+def test_ada_counts_the_real_logits_of_the_r1_phase_too():
+    model, train = tiny_cfgs(r1_interval=2, ada_interval=100)
+    trainer = StyleGAN2Trainer(model, train)
+    counts = []
+    for i in range(3):  # R1 on steps 0 and 2
+        trainer.step(reals(i))
+        counts.append(int(trainer.ada.stats_tensor()[1]))
+    assert counts == [8, 12, 20]
+
+
+def test_trainer_leaves_the_global_rng_alone():
+    """Building and stepping a trainer neither reseeds nor advances torch's global generator, and what the caller
+    draws in between does not change the run."""
+    model, train = tiny_cfgs()
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    quiet = StyleGAN2Trainer(model, train)
+    for i in range(3):
+        quiet.step(reals(i))
+    assert torch.equal(torch.get_rng_state(), before)
+    busy = StyleGAN2Trainer(model, train)
+    for i in range(3):
+        torch.randn(1000)  # e.g. metrics or a sample grid between steps
+        busy.step(reals(i))
+    assert torch.equal(flat_params(quiet), flat_params(busy))
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_tf32_is_set_for_the_step_and_restored_after(allow, monkeypatch):
+    model, train = tiny_cfgs(allow_tf32=allow, augment="noaug")
+    trainer = StyleGAN2Trainer(model, train)
+    seen = []
+    run_D = trainer.run_D
+    monkeypatch.setattr(trainer, "run_D", lambda *a, **k: seen.append(
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)) or run_D(*a, **k))
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    outside = (not allow, not allow)
+    try:  # torch.backends' flags are module properties: set and restored by hand (monkeypatch cannot)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = outside
+        trainer.step(reals(0))
+        assert seen and set(seen) == {(allow, allow)}
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == outside
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_fake_labels_come_from_the_label_pool_when_given():
+    model, train = tiny_cfgs()
+    model = ModelConfig(**{**model.__dict__, "c_dim": 3})
+    real_c = torch.eye(3)[[0, 1, 0, 1]]
+    pool = torch.eye(3)[[2, 2, 2]]  # the dataset: only class 2
+    trainer = StyleGAN2Trainer(model, train, label_pool=pool)
+    rounds = trainer._rounds(reals(0), real_c)
+    assert all(torch.equal(r.gen_c, torch.eye(3)[[2] * 4]) and torch.equal(r.real_c, real_c) for p in rounds for r in p)
+    from_batch = StyleGAN2Trainer(model, train)._rounds(reals(0), real_c)
+    assert all(bool((r.gen_c[:, 2] == 0).all()) for p in from_batch for r in p)
+    trainer.step(reals(0), real_c)
+    with pytest.raises(ValueError, match=r"label_pool must be the dataset's labels \[M, c_dim=3\]"):
+        StyleGAN2Trainer(model, train, label_pool=torch.ones(5, 2))
+
+
 def test_bad_batch_shape_is_rejected():
     model, train = tiny_cfgs()
     tr = StyleGAN2Trainer(model, train)
@@ -123,12 +264,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model, train = tiny_cfgs(batch=8, workers=2)
+        model, train = tiny_cfgs(batch=8, workers=2, batch_gpu=2)  # two rounds per rank
         tr = StyleGAN2Trainer(model, train)
         for i in range(5):
             tr.step(reals(10 * i + rank))  # different data on each rank
         state = tr.state_dict()  # collective
-        torch.save({"params": flat_params(tr), "p": tr.augment_p, "rng": len(state["rng"])}, f"{out}/rank{rank}.pt")
+        torch.save({"params": flat_params(tr), "p": tr.augment_p, "rng": len(state["rng"]), "pl_mean": state["pl_mean"],
+                    "own_pl_mean": tr.pl_mean.clone()}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -144,3 +286,7 @@ def test_two_gloo_ranks_stay_identical(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2))
     assert torch.equal(r0["params"], r1["params"])
     assert r0["p"] == r1["p"] and r0["rng"] == 2
+    # Each rank keeps its own path-length mean (the reference's per-GPU pl_mean); the checkpoint holds both.
+    assert torch.equal(r0["pl_mean"], r1["pl_mean"]) and r0["pl_mean"].shape == (2,)
+    assert r0["pl_mean"][0] == r0["own_pl_mean"] and r0["pl_mean"][1] == r1["own_pl_mean"]
+    assert r0["own_pl_mean"] != r1["own_pl_mean"]

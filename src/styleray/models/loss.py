@@ -32,16 +32,15 @@ def r1_penalty(real_img: torch.Tensor, real_logits: torch.Tensor) -> torch.Tenso
 def path_length_penalty(
     img: torch.Tensor,  # [N, C, H, W] generated from ws
     ws: torch.Tensor,  # [N, num_ws, w_dim], requires grad
-    pl_mean: torch.Tensor,  # running mean of path lengths (scalar)
+    pl_mean: torch.Tensor,  # running mean of path lengths (scalar, no grad)
     decay: float,  # how fast pl_mean follows the batch mean
-    reduce_mean=None,  # optional callable averaging a scalar over workers (keeps pl_mean identical on every rank)
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Path length regularisation: (|J_w^T y| - a)^2 per sample, and the updated running mean a."""
+    """Path length regularisation: (|J_w^T y| - a)^2 per sample, and the updated running mean a.
+
+    a = lerp(pl_mean, mean of this batch's lengths, decay) keeps the batch mean in the graph, as the reference
+    does: the penalty's gradient also flows through the decay-weighted batch mean."""
     noise = torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
     (grads,) = torch.autograd.grad((img * noise).sum(), ws, create_graph=True)  # [N, num_ws, w_dim]
     lengths = grads.square().sum(dim=2).mean(dim=1).sqrt()  # [N]
-    batch_mean = lengths.mean().detach()
-    if reduce_mean is not None:
-        batch_mean = reduce_mean(batch_mean)
-    new_mean = pl_mean.lerp(batch_mean, decay)
+    new_mean = pl_mean.lerp(lengths.mean(), decay)
     return (lengths - new_mean).square(), new_mean

@@ -1,17 +1,19 @@
 """The StyleGAN2-ADA training step, on one device or inside an existing torch process group.
 
 Knows nothing of Ray: the platform layer (Ray Train) or the single-process CLI drives it. One call to
-``step(real, c)`` is one iteration of the reference's loop, in explicit phases:
+``step(real, c)`` is one iteration of the reference's loop:
 
-    Gmain (every step)  non-saturating loss on D(aug(G(z)))
-    Greg  (every 4)     path length regularisation, weighted by the interval (lazy regularisation)
-    Dmain (every step)  logistic loss on fakes and reals; r_t statistics for ADA
-    Dreg  (every 16)    R1 on augmented reals, weighted by the interval
-    then                G_ema update, ADA p adjustment (every 4)
+    draw latents and labels for every phase, split the worker's batch into rounds of --batch-gpu images
+    for each phase that is due (phases.py: Gmain, Greg every 4, Dmain, Dreg every 16):
+        zero grads, accumulate every round, average over workers, optimizer step
+    G_ema update, ADA p adjustment (every 4)
 
 Gradients are averaged across ranks with one all-reduce per phase (what DDP would do, without wrapping the
-networks, which keeps double backward and per-phase requires_grad simple). ``state_dict()`` holds everything
-an exact resume needs: networks, optimizers, ADA p and statistics, path-length mean, counters and RNG state.
+networks, which keeps double backward and per-phase requires_grad simple). The path-length mean is each
+rank's own, as in the reference. The step draws from the trainer's own random streams (step_scope.py), so
+building or stepping a trainer leaves the caller's global RNG alone. ``state_dict()`` holds everything an
+exact resume needs: networks, optimizers, ADA p and statistics, every rank's path-length mean and random
+streams, counters.
 """
 
 from __future__ import annotations
@@ -19,18 +21,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import random
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from styleray.config import ModelConfig, TrainConfig
-from styleray.models import loss as L
-from styleray.models.augment import AdaController, AugmentPipe
+from styleray.models.ada import AdaController
+from styleray.models.augment import AugmentPipe
 from styleray.models.networks import Discriminator, Generator, requires_grad
+from styleray.models.phases import DiscriminatorMain, DiscriminatorR1, GeneratorMain, GeneratorPathLength, Phase, Round
+from styleray.models.step_scope import RandomStreams, seeded_cpu, tf32_allowed
 from styleray.models.transfer import freeze_discriminator_layers
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,6 @@ log = logging.getLogger(__name__)
 # Compiled graphs draw random numbers (the synthesis noise) from torch's generator, like eager mode: the same
 # noise with or without compile, and an exact resume from the saved RNG state.
 _COMPILE_OPTIONS = {"fallback_random": True}
-
-
-@dataclass(frozen=True)
-class Phase:
-    name: str  # Gmain, Greg, Dmain, Dreg
-    interval: int  # run when batch_idx % interval == 0; the loss is multiplied by it (lazy regularisation)
 
 
 def lazy_adam_hparams(lr: float, betas: tuple[float, float], reg_interval: int | None) -> tuple[float, tuple]:
@@ -69,6 +64,8 @@ class StyleGAN2Trainer:
         *,
         channels_last: bool | None = None,  # NHWC activations and conv weights; None = the device's default.
         compile: bool = False,  # torch.compile the networks for the phases without double backward.
+        label_pool: torch.Tensor | None = None,  # [M, c_dim] the dataset's labels, fake labels are drawn from
+        # them (the reference); None = from this worker's real batch. Conditional models only.
     ):
         self.model_cfg, self.cfg = model_cfg, train_cfg
         self.device = torch.device(device)
@@ -81,12 +78,47 @@ class StyleGAN2Trainer:
             log.warning("process group has %d ranks but config says --workers %d", self.world_size, train_cfg.workers)
         self.batch_per_worker = train_cfg.batch // self.world_size
         self.global_batch = self.batch_per_worker * self.world_size
+        self.round_batch = self._round_batch()
+        self.label_pool = self._check_label_pool(label_pool)
 
-        # Same initial weights on every rank; different data and latents afterwards.
-        torch.manual_seed(train_cfg.seed)
-        self.G = Generator(model_cfg).to(self.device, memory_format=self.memory_format).train()
-        self.D = Discriminator(model_cfg).to(self.device, memory_format=self.memory_format).train()
-        freeze_discriminator_layers(self.D, train_cfg.freeze_d)  # FreezeD (--freeze-d): before the optimizer
+        self._build_networks(compile)
+        self.streams = RandomStreams(self.device, train_cfg.seed * 1000 + self.rank)
+        self.augment_pipe, self.ada = self._build_augment()
+        self.phases = self._build_phases()
+
+        self.pl_mean = torch.zeros([], device=self.device)  # this rank's running mean of path lengths
+        self.cur_nimg = 0  # images seen, over all ranks
+        self.batch_idx = 0  # iterations done
+        self.last_r_t: float | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    def _round_batch(self) -> int:
+        """Images per round on this worker: --batch-gpu, or one round when it does not divide this worker's
+        share (a process group of another size than --workers)."""
+        size = self.cfg.batch_gpu or self.batch_per_worker
+        if self.batch_per_worker % size != 0:
+            log.warning("--batch-gpu %d does not divide this worker's %d images: one round", size, self.batch_per_worker)
+            return self.batch_per_worker
+        return size
+
+    def _check_label_pool(self, pool: torch.Tensor | None) -> torch.Tensor | None:
+        c_dim = self.model_cfg.c_dim
+        if pool is None:
+            return None
+        if c_dim == 0 or pool.ndim != 2 or pool.shape[0] < 1 or pool.shape[1] != c_dim:
+            raise ValueError(
+                f"label_pool must be the dataset's labels [M, c_dim={c_dim}] of a conditional model, "
+                f"got {list(pool.shape)}{' for an unconditional model' if c_dim == 0 else ''}"
+            )
+        return pool.to(self.device, torch.float32)
+
+    def _build_networks(self, compile: bool) -> None:
+        """G, D and G_ema, with the same initial weights on every rank (seeded by --seed alone)."""
+        with seeded_cpu(self.cfg.seed):
+            self.G = Generator(self.model_cfg).to(self.device, memory_format=self.memory_format).train()
+            self.D = Discriminator(self.model_cfg).to(self.device, memory_format=self.memory_format).train()
+        freeze_discriminator_layers(self.D, self.cfg.freeze_d)  # FreezeD (--freeze-d): before the optimizer
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         # The networks as the main phases call them: compiled if asked. The regularisation phases take double
         # backward, which compiled graphs do not support, so they always call the eager modules.
@@ -95,46 +127,42 @@ class StyleGAN2Trainer:
         if compile:
             self._synthesis_main = torch.compile(self.G.synthesis, options=_COMPILE_OPTIONS)
             self._D_main = torch.compile(self.D, options=_COMPILE_OPTIONS)
-        self.seed_everything(train_cfg.seed * 1000 + self.rank)
 
-        self.augment_pipe: AugmentPipe | None = None
-        self.ada: AdaController | None = None
-        if train_cfg.augment != "noaug":
-            self.augment_pipe = AugmentPipe().to(self.device).train()
-            self.augment_pipe.p.copy_(torch.as_tensor(train_cfg.augment_p))
-            if train_cfg.augment == "ada":
-                self.ada = AdaController(
-                    target=train_cfg.ada_target,
-                    ada_kimg=train_cfg.ada_kimg,
-                    interval=train_cfg.ada_interval,
-                    batch_size=self.global_batch,
-                )
+    def _build_augment(self) -> tuple[AugmentPipe | None, AdaController | None]:
+        cfg = self.cfg
+        if cfg.augment == "noaug":
+            return None, None
+        pipe = AugmentPipe.named(cfg.augment_pipe).to(self.device).train()
+        pipe.p.copy_(torch.as_tensor(cfg.augment_p))
+        if cfg.augment != "ada":
+            return pipe, None
+        ada = AdaController(
+            target=cfg.ada_target, ada_kimg=cfg.ada_kimg, interval=cfg.ada_interval, batch_size=self.global_batch
+        )
+        return pipe, ada
 
-        g_reg = train_cfg.pl_interval if train_cfg.pl_weight > 0 else None
-        d_reg = train_cfg.r1_interval if train_cfg.r1_gamma > 0 else None
-        self.phases = [Phase("Gmain", 1)]
-        if g_reg:
-            self.phases.append(Phase("Greg", g_reg))
-        self.phases.append(Phase("Dmain", 1))
-        if d_reg:
-            self.phases.append(Phase("Dreg", d_reg))
-        lr_g, betas_g = lazy_adam_hparams(train_cfg.lr_g, train_cfg.betas, g_reg)
-        lr_d, betas_d = lazy_adam_hparams(train_cfg.lr_d, train_cfg.betas, d_reg)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=betas_g, eps=train_cfg.eps)
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas_d, eps=train_cfg.eps)
-
-        self.pl_mean = torch.zeros([], device=self.device)
-        self.cur_nimg = 0  # images seen, over all ranks
-        self.batch_idx = 0  # iterations done
-        self.last_r_t: float | None = None
+    def _build_phases(self) -> list[Phase]:
+        """The phases, and Adam for G and D. Lazy regularisation corrects Adam's lr and betas by k / (k + 1)
+        even when its regulariser is off (gamma 0, pl_weight 0), as the reference does; a phase that would do
+        nothing is left out."""
+        cfg = self.cfg
+        phases: list[Phase] = [GeneratorMain()]
+        if cfg.pl_weight > 0:
+            phases.append(GeneratorPathLength(cfg.pl_interval))
+        phases.append(DiscriminatorMain())
+        if cfg.r1_gamma > 0:
+            phases.append(DiscriminatorR1(cfg.r1_interval))
+        lr_g, betas_g = lazy_adam_hparams(cfg.lr_g, cfg.betas, cfg.pl_interval)
+        lr_d, betas_d = lazy_adam_hparams(cfg.lr_d, cfg.betas, cfg.r1_interval)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=betas_g, eps=cfg.eps)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas_d, eps=cfg.eps)
+        return phases
 
     # ------------------------------------------------------------------ helpers
 
-    @staticmethod
-    def seed_everything(seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+    def reseed(self, seed: int) -> None:
+        """Restart this trainer's random streams from ``seed`` (e.g. after a rollback, to leave a bad path)."""
+        self.streams.reseed(seed)
 
     @property
     def kimg(self) -> float:
@@ -148,11 +176,12 @@ class StyleGAN2Trainer:
         return torch.randn([n, self.model_cfg.z_dim], device=self.device)
 
     def _fake_labels(self, real_c: torch.Tensor | None, n: int) -> torch.Tensor | None:
-        """Labels for generated images: drawn from the real batch's labels (the dataset's distribution)."""
+        """n labels for generated images: drawn from the dataset's labels when the trainer has them, else
+        from the real batch's (the same distribution, with the batch's sampling noise)."""
         if self.model_cfg.c_dim == 0:
             return None
-        idx = torch.randint(0, real_c.shape[0], [n], device=self.device)
-        return real_c[idx]
+        pool = self.label_pool if self.label_pool is not None else real_c
+        return pool[torch.randint(0, pool.shape[0], [n], device=self.device)]
 
     def run_G(self, z: torch.Tensor, c: torch.Tensor | None, main: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """G(z, c) with style mixing regularisation; returns (images, ws). main: a phase without double backward."""
@@ -171,6 +200,11 @@ class StyleGAN2Trainer:
         if self.augment_pipe is not None and float(self.augment_pipe.p) > 0:
             img = self.augment_pipe(img)
         return (self._D_main if main else self.D)(img, c)
+
+    def count_real_logits(self, logits: torch.Tensor) -> None:
+        """D's logits on real images go into ADA's r_t (no host sync)."""
+        if self.ada is not None:
+            self.ada.accumulate(logits.detach())
 
     def _sync_grads(self, module: torch.nn.Module) -> None:
         """Average gradients over ranks (one flat all-reduce) and scrub non-finite values."""
@@ -191,93 +225,56 @@ class StyleGAN2Trainer:
             for p in params:
                 torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
 
-    def _mean_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            x = x.clone()
-            dist.all_reduce(x)
-            x /= self.world_size
-        return x
-
-    # ------------------------------------------------------------------ phases
-
-    def _phase_g_main(self, real_c) -> dict[str, float]:
-        n = self.batch_per_worker
-        c = self._fake_labels(real_c, n)
-        img, _ = self.run_G(self._latents(n), c, main=True)
-        logits = self.run_D(img, c, main=True)
-        loss = L.nonsaturating_g_loss(logits).mean()
-        loss.backward()
-        return {"loss_G": loss.item(), "scores_fake": logits.mean().item()}
-
-    def _phase_g_reg(self, real_c, gain: int) -> dict[str, float]:
-        n = max(self.batch_per_worker // self.cfg.pl_batch_shrink, 1)
-        img, ws = self.run_G(self._latents(n), self._fake_labels(real_c, n))
-        # Contiguous: the penalty draws randn_like(img), whose values follow the memory layout; this keeps the
-        # random draw (and so the run) the same with channels-last activations or without.
-        img = img.contiguous()
-        penalty, new_mean = L.path_length_penalty(img, ws, self.pl_mean, self.cfg.pl_decay, self._mean_over_ranks)
-        self.pl_mean.copy_(new_mean.detach())
-        loss = (img[:, 0, 0, 0] * 0 + penalty * self.cfg.pl_weight).mean()
-        (loss * gain).backward()
-        return {"pl_penalty": penalty.mean().item()}
-
-    def _phase_d_main(self, real_img, real_c) -> dict[str, float]:
-        n = self.batch_per_worker
-        c = self._fake_labels(real_c, n)
-        with torch.no_grad():
-            fake_img, _ = self.run_G(self._latents(n), c, main=True)
-        fake_logits = self.run_D(fake_img, c, main=True)
-        real_logits = self.run_D(real_img, real_c, main=True)
-        loss = L.d_fake_loss(fake_logits).mean() + L.d_real_loss(real_logits).mean()
-        loss.backward()
-        if self.ada is not None:
-            self.ada.accumulate(real_logits.detach())
-        return {
-            "loss_D": loss.item(),
-            "scores_real": real_logits.mean().item(),
-            "signs_real": real_logits.sign().mean().item(),
-        }
-
-    def _phase_d_reg(self, real_img, real_c, gain: int) -> dict[str, float]:
-        real = real_img.detach().requires_grad_(True)
-        logits = self.run_D(real, real_c)
-        penalty = L.r1_penalty(real, logits)
-        loss = (logits * 0 + (penalty * (self.cfg.r1_gamma / 2))[:, None]).mean()
-        (loss * gain).backward()
-        return {"r1_penalty": penalty.mean().item()}
-
     # ------------------------------------------------------------------ the step
 
-    def step(self, real_img: torch.Tensor, real_c: torch.Tensor | None = None) -> dict[str, float]:
-        """One iteration on this rank's batch: real_img [B, C, H, W] in [-1, 1], real_c [B, c_dim] or None."""
+    def _check_reals(self, real_img: torch.Tensor, real_c: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
         expected = (self.batch_per_worker, self.model_cfg.img_channels, self.model_cfg.resolution, self.model_cfg.resolution)
         if tuple(real_img.shape) != expected:
             raise ValueError(f"real batch must be {list(expected)} (per-worker batch), got {list(real_img.shape)}")
         if self.model_cfg.c_dim > 0 and (real_c is None or real_c.shape != (expected[0], self.model_cfg.c_dim)):
             raise ValueError(f"conditional model needs labels [{expected[0]}, {self.model_cfg.c_dim}]")
         real_img = real_img.to(self.device, torch.float32, memory_format=self.memory_format)
-        real_c = real_c.to(self.device, torch.float32) if real_c is not None else None
+        real_c = real_c.to(self.device, torch.float32) if real_c is not None and self.model_cfg.c_dim > 0 else None
+        return real_img, real_c
 
+    def _rounds(self, real_img: torch.Tensor, real_c: torch.Tensor | None) -> list[list[Round]]:
+        """Per phase, the rounds it runs: the reals split into rounds of --batch-gpu, with latents and labels
+        drawn for every phase whether it is due or not (the reference's draws)."""
+        k, n = len(self.phases), self.batch_per_worker
+        gen_z = self._latents(k * n).split(n)
+        gen_c = self._fake_labels(real_c, k * n)
+        gen_c = gen_c.split(n) if gen_c is not None else [None] * k
+
+        def split(x: torch.Tensor | None) -> list:
+            return list(x.split(self.round_batch)) if x is not None else [None] * (n // self.round_batch)
+
+        reals, real_cs = split(real_img), split(real_c)
+        return [[Round(*parts) for parts in zip(reals, real_cs, split(z), split(c))] for z, c in zip(gen_z, gen_c)]
+
+    def _run_phase(self, phase: Phase, rounds: list[Round]) -> dict[str, float]:
+        """Accumulate the phase's gradients over its rounds, average them over the ranks, step its optimizer;
+        returns the statistics averaged over the rounds."""
+        module, opt = (self.G, self.opt_G) if phase.trains_generator else (self.D, self.opt_D)
+        opt.zero_grad(set_to_none=True)
+        sums: dict[str, torch.Tensor] = {}
+        with requires_grad(self.G, phase.trains_generator), requires_grad(self.D, not phase.trains_generator):
+            for rnd in rounds:
+                for key, value in phase.accumulate(self, rnd, gain=phase.interval).items():
+                    sums[key] = sums[key] + value if key in sums else value
+        self._sync_grads(module)
+        opt.step()
+        means = (torch.stack(list(sums.values())) / len(rounds)).tolist()  # one host sync per phase
+        return dict(zip(sums, means))
+
+    def step(self, real_img: torch.Tensor, real_c: torch.Tensor | None = None) -> dict[str, float]:
+        """One iteration on this rank's batch: real_img [B, C, H, W] in [-1, 1], real_c [B, c_dim] or None."""
+        real_img, real_c = self._check_reals(real_img, real_c)
         stats: dict[str, float] = {}
-        for phase in self.phases:
-            if self.batch_idx % phase.interval != 0:
-                continue
-            is_g = phase.name.startswith("G")
-            module, opt = (self.G, self.opt_G) if is_g else (self.D, self.opt_D)
-            opt.zero_grad(set_to_none=True)
-            with requires_grad(self.G, is_g), requires_grad(self.D, not is_g):
-                if phase.name == "Gmain":
-                    stats.update(self._phase_g_main(real_c))
-                elif phase.name == "Greg":
-                    stats.update(self._phase_g_reg(real_c, phase.interval))
-                elif phase.name == "Dmain":
-                    stats.update(self._phase_d_main(real_img, real_c))
-                else:
-                    stats.update(self._phase_d_reg(real_img, real_c, phase.interval))
-            self._sync_grads(module)
-            opt.step()
-
-        self._update_ema()
+        with self.streams.scope(), tf32_allowed(self.cfg.allow_tf32):
+            for phase, rounds in zip(self.phases, self._rounds(real_img, real_c)):
+                if phase.is_due(self.batch_idx):
+                    stats.update(self._run_phase(phase, rounds))
+            self._update_ema()
         self.cur_nimg += self.global_batch
         self.batch_idx += 1
         if self.ada is not None:
@@ -303,25 +300,17 @@ class StyleGAN2Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def _rng_state(self) -> dict[str, Any]:
-        state = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def _set_rng_state(self, state: dict[str, Any]) -> None:
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda"], self.device)
+    def _gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (collective in a process group)."""
+        if self.world_size == 1:
+            return [value]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything an exact resume needs. In a process group, every rank's RNG state is gathered."""
-        rng = self._rng_state()
-        if self.world_size > 1:
-            gathered: list[Any] = [None] * self.world_size
-            dist.all_gather_object(gathered, rng)
-        else:
-            gathered = [rng]
+        """Everything an exact resume needs. In a process group, every rank's own state is gathered."""
+        ranks = self._gather({"rng": self.streams.state_dict(), "pl_mean": float(self.pl_mean)})
         return {
             "G": self.G.state_dict(),
             "D": self.D.state_dict(),
@@ -330,9 +319,9 @@ class StyleGAN2Trainer:
             "opt_D": self.opt_D.state_dict(),
             "augment_pipe": self.augment_pipe.state_dict() if self.augment_pipe is not None else None,
             "ada": self.ada.state_dict() if self.ada is not None else None,
-            "pl_mean": self.pl_mean.detach().cpu().clone(),
+            "pl_mean": torch.tensor([r["pl_mean"] for r in ranks], dtype=torch.float32),  # [ranks]
             "counters": {"cur_nimg": self.cur_nimg, "batch_idx": self.batch_idx, "last_r_t": self.last_r_t},
-            "rng": gathered,
+            "rng": [r["rng"] for r in ranks],
             "model_cfg": dataclasses.asdict(self.model_cfg),
         }
 
@@ -346,14 +335,19 @@ class StyleGAN2Trainer:
             self.augment_pipe.load_state_dict(state["augment_pipe"])
         if self.ada is not None and state.get("ada") is not None:
             self.ada.load_state_dict(state["ada"])
-        self.pl_mean.copy_(state["pl_mean"])
         counters = state["counters"]
         self.cur_nimg, self.batch_idx = int(counters["cur_nimg"]), int(counters["batch_idx"])
         self.last_r_t = counters.get("last_r_t")
-        rngs = state.get("rng") or []
+        self._load_per_rank(state.get("pl_mean"), state.get("rng") or [])
+
+    def _load_per_rank(self, pl_mean: torch.Tensor | None, rngs: list[Any]) -> None:
+        """This rank's path-length mean and random streams; with another worker count than the checkpoint's,
+        the ranks' mean and a fresh seed (deterministic, but not bit-exact)."""
+        if pl_mean is not None:
+            pl_mean = torch.as_tensor(pl_mean).reshape(-1)  # older checkpoints hold one value for every rank
+            self.pl_mean.copy_(pl_mean[self.rank] if pl_mean.numel() == self.world_size else pl_mean.mean())
         if len(rngs) == self.world_size:
-            self._set_rng_state(rngs[self.rank])
+            self.streams.load_state_dict(rngs[self.rank])
         else:
-            # A different worker count: continue deterministically, but not bit-exactly.
             log.warning("checkpoint has RNG state for %d ranks, running %d: reseeding", len(rngs), self.world_size)
-            self.seed_everything(self.cfg.seed * 1000 + self.rank + self.batch_idx)
+            self.reseed(self.cfg.seed * 1000 + self.rank + self.batch_idx)

@@ -355,7 +355,7 @@ class TrainingRun:
             if self.run.init_from is not None:  # the run's start was the source's weights
                 start_from_source(self.trainer, self.run.init_from)
             self.tick, self.last_good, self.last_ckpt = 0, None, None
-        self.trainer.seed_everything(self.cfg.seed * 1000 + self.rank + 7919 * self.rollbacks)
+        self.trainer.reseed(self.cfg.seed * 1000 + self.rank + 7919 * self.rollbacks)
         self.monitor.reset()
         if self.hooks.is_chief:
             keep = ck.name if ck is not None else ""

@@ -128,15 +128,26 @@ def check_against_source(settings: TrainSettings, run: RunSpec, source: Source) 
                 fix = f"add --map {src.mapping_layers}, or " if field == "mapping_layers" else ""
                 problems.append(f"{label}: the source has {getattr(src, field)}, --preset {settings.preset} "
                                 f"{getattr(ours, field)} ({fix}drop --preset: the source's architecture is used)")
-    per_worker = run.train.batch_per_worker
-    if per_worker % src.mbstd_group != 0:
-        fix = max(src.mbstd_group, round(per_worker / src.mbstd_group) * src.mbstd_group) * run.train.workers
-        problems.append(f"minibatch-std group: the source's is {src.mbstd_group}, and --batch {run.train.batch} over "
-                        f"--workers {run.train.workers} is {per_worker} per worker (try --batch {fix})")
+    problems += _mbstd_difference(run, src)
     if problems:
         raise SettingsError(f"init_from (--init-from) = {settings.init_from}: the source's model does not match "
                             f"this run: {'; '.join(problems)}")
     return dataclasses.replace(src, c_dim=ours.c_dim)
+
+
+def _mbstd_difference(run: RunSpec, src: ModelConfig) -> list[str]:
+    """D's minibatch-std layer groups min(group, round) of each round's images: the source's group must
+    divide a round (a worker's whole share when it runs one round)."""
+    train, size = run.train, run.train.round_batch
+    group = min(src.mbstd_group, size)
+    if size % group == 0:
+        return []
+    if train.rounds > 1:
+        return [f"minibatch-std group: the source's is {src.mbstd_group}, and --batch-gpu {size} rounds cannot be "
+                f"split into groups of {group} (make --batch-gpu a multiple of {group})"]
+    fix = max(group, round(size / group) * group) * train.workers
+    return [f"minibatch-std group: the source's is {src.mbstd_group}, and --batch {train.batch} over --workers "
+            f"{train.workers} is {size} per worker (try --batch {fix})"]
 
 
 def _data_differences(settings: TrainSettings, src: ModelConfig, ours: ModelConfig) -> list[str]:
