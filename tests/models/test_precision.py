@@ -1,5 +1,7 @@
 """--precision: the choice for every card (a pure function, so a CPU machine checks all of them)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -53,3 +55,16 @@ def test_nonfinite_gradients_are_zeroed_in_place_and_finite_ones_kept():
     assert a.grad is grad_a and a.grad.tolist() == [1.0, 0.0, 0.0, 0.0]
     assert b.grad.tolist() == [0.5, -2.0, 3.0, 2.0**100]
     assert c.grad is None
+
+
+def test_the_trainer_decides_on_its_device_and_records_what_runs():
+    from styleray.config import resolve_preset
+    from styleray.models.training import StyleGAN2Trainer
+
+    model, train = resolve_preset("cpu-tiny", resolution=16, train_overrides={"batch": 4})
+    assert model.mixed_precision == "bf16"  # the preset's wish for GPUs
+    trainer = StyleGAN2Trainer(model, train, "cpu")
+    assert trainer.precision.name == "fp32" and trainer.model_cfg.mixed_precision == "off"
+    assert trainer.G.cfg.mixed_precision == "off"
+    with pytest.raises(ValueError, match="--precision fp16 needs a CUDA GPU"):
+        StyleGAN2Trainer(model, dataclasses.replace(train, precision="fp16"), "cpu")
