@@ -174,3 +174,16 @@ def test_the_reference_options_default_to_the_reference_and_reject_what_cannot_w
         TrainSettings(data="d", out="o", augpipe="bgx")
     with pytest.raises(SettingsError, match="batch_gpu \\(--batch-gpu\\) = 0: must be >= 1"):
         TrainSettings(data="d", out="o", batch_gpu=0)
+
+
+def test_precision_reaches_the_run_from_every_route_and_cpu_workers_refuse_reduced_precision(tmp_path, tiny_data):
+    s = _train(["--data", str(tiny_data), "--out", str(tmp_path / "run"), "--gpus", "--precision", "fp16"])
+    assert s.resolve(16, 3, 0).train.precision == "fp16" and from_argv(s.to_argv()) == s
+    assert check_request("r", s.changed()).config["train"]["precision"] == "fp16"
+    assert TrainSettings(data="d", out="o").resolve(16, 3, 0).train.precision == "auto"
+    assert TrainSettings(data="d", out="o", no_ray=True, precision="bf16").precision == "bf16"  # device decided later
+    for kw, where in (({}, "CPU workers \\(no --gpus\\)"), ({"no_ray": True, "device": "cpu"}, "--device cpu")):
+        with pytest.raises(SettingsError, match=f"--precision bf16\\) needs CUDA GPUs but this run trains on {where}"):
+            TrainSettings(data="d", out="o", precision="bf16", **kw)
+    with pytest.raises(SettingsError, match="precision \\(--precision\\) = 'tf32': choose one of auto, fp32, bf16"):
+        TrainSettings(data="d", out="o", precision="tf32")

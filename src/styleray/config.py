@@ -16,6 +16,9 @@ from typing import Any, Literal, Mapping
 
 MixedPrecision = Literal["bf16", "fp16", "off"]
 AugmentMode = Literal["ada", "fixed", "noaug"]
+# --precision: "auto" picks bf16 on GPUs of compute capability >= 8.0, fp16 below, fp32 on CPU
+# (models/precision.py decides, on the worker that knows its device).
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 # The augmentation pipelines of the reference's ``--augpipe``: which ops of the augment pipe are on (each with
 # probability multiplier 1). ``bgc`` (blit, geometric, color) is the ADA paper's default.
@@ -121,6 +124,7 @@ class TrainConfig:
     seed: int = 0  # Global random seed.
     mirror: bool = False  # Add x-flipped copies of the data (done on the fly).
     allow_tf32: bool = False  # Let CUDA matmuls and convolutions use TF32 in the training step (reference: off).
+    precision: str = "auto"  # Reduced-precision layers' type: auto, fp32, bf16 or fp16 (models/precision.py).
     keep_checkpoints: int = 3  # Keep this many latest checkpoints (plus the best one).
     unstable_ticks: int = 3  # Roll back after this many consecutive collapsed ticks (NaN/Inf losses: at once).
     collapse_d_loss: float = 0.05  # A tick is collapsed when the D loss is below this while the G loss climbs.
@@ -132,6 +136,8 @@ class TrainConfig:
             raise ValueError(f"--workers {self.workers} must be >= 1")
         if self.batch < 1:
             raise ValueError(f"--batch {self.batch} must be >= 1")
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(f"--precision {self.precision!r} must be one of {', '.join(PRECISION_CHOICES)}")
         if self.batch % self.workers != 0:
             fix = max(self.workers, round(self.batch / self.workers) * self.workers)
             raise ValueError(

@@ -30,7 +30,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from styleray.config import AUGMENT_PIPES, PRESETS, RunSpec, resolve_preset
+from styleray.config import AUGMENT_PIPES, PRECISION_CHOICES, PRESETS, RunSpec, resolve_preset
 
 QUEUE_KEYS = ("name", "priority", "max_attempts")  # what a queue request file may hold beside its settings
 
@@ -152,6 +152,9 @@ class TrainSettings:
     workers: int = setting(1, "training processes (Ray Train workers; one per GPU)", check=at_least(1),
                            allowed=">= 1")
     gpus: bool = setting(False, "one GPU per worker (NCCL); default: CPU workers (gloo)")
+    precision: str = setting("auto", "type of the reduced-precision layers (the top resolutions, as the reference): "
+                             "auto = bf16 on GPUs of compute capability >= 8.0 (A100, A10G, H100), fp16 below "
+                             "(V100, T4), fp32 on CPU", choices=PRECISION_CHOICES)
     allow_tf32: bool = setting(False, "let CUDA matmuls and convolutions of the training step use TF32 (faster on "
                                "Ampere and later, less exact); off as in the reference")
     cpus_per_worker: float | None = setting(None, "CPUs reserved per worker (default: 1 with --gpus, 0.9 on CPU)",
@@ -186,11 +189,20 @@ class TrainSettings:
                 f"no_ray (--no-ray) trains in this process: use --workers 1, or drop --no-ray for "
                 f"{self.workers} Ray workers"
             )
+        self._check_precision()
         if self.init_from is not None and self.resume not in ("latest", "none"):
             raise SettingsError(
                 f"init_from (--init-from) starts a new run from a model, resume (--resume {self.resume}) continues a "
                 "run from its checkpoint: give one of them"
             )
+
+    def _check_precision(self) -> None:
+        """bf16 and fp16 need CUDA: refuse them at once for workers that will train on the CPU."""
+        on_cpu = (self.device or "").startswith("cpu") if self.no_ray else not self.gpus
+        if self.precision in ("bf16", "fp16") and on_cpu:
+            where = "--device cpu" if self.no_ray else "CPU workers (no --gpus)"
+            raise SettingsError(f"precision (--precision {self.precision}) needs CUDA GPUs but this run trains on "
+                                f"{where}: add --gpus, or use --precision auto (fp32 on CPU)")
 
     # -- building
 
@@ -280,7 +292,7 @@ class TrainSettings:
                 batch=self.batch, batch_gpu=self.batch_gpu, kimg=self.kimg, tick_kimg=self.tick, snap=self.snap,
                 r1_gamma=self.gamma, lr_g=self.lr_g or self.lr, lr_d=self.lr_d or self.lr, augment=self.aug,
                 augment_pipe=self.augpipe, augment_p=self.augment_p, ada_target=self.target,
-                mirror=self.mirror or None, allow_tf32=self.allow_tf32, seed=self.seed, keep_checkpoints=self.keep,
+                mirror=self.mirror or None, allow_tf32=self.allow_tf32, precision=self.precision, seed=self.seed, keep_checkpoints=self.keep,
                 max_rollbacks=self.max_rollbacks, freeze_d=self.freeze_d,
             ),
         )

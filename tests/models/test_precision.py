@@ -1,5 +1,7 @@
 """--precision: the choice for every card (a pure function, so a CPU machine checks all of them)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -43,3 +45,15 @@ def test_bad_wishes_are_named():
         choose_precision("auto", "cuda", None)
     assert PRECISION_CHOICES[0] == "auto"
 
+
+def test_the_trainer_decides_on_its_device_and_records_what_runs():
+    from styleray.config import resolve_preset
+    from styleray.models.training import StyleGAN2Trainer
+
+    model, train = resolve_preset("cpu-tiny", resolution=16, train_overrides={"batch": 4})
+    assert model.mixed_precision == "bf16"  # the preset's wish for GPUs
+    trainer = StyleGAN2Trainer(model, train, "cpu")
+    assert trainer.precision.name == "fp32" and trainer.model_cfg.mixed_precision == "off"
+    assert trainer.G.cfg.mixed_precision == "off"
+    with pytest.raises(ValueError, match="--precision fp16 needs a CUDA GPU"):
+        StyleGAN2Trainer(model, dataclasses.replace(train, precision="fp16"), "cpu")

@@ -26,7 +26,8 @@ from typing import Literal
 
 import torch
 
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+from styleray.config import PRECISION_CHOICES
+
 BF16_CAPABILITY = (8, 0)  # Ampere and later have bf16 tensor cores
 Precision = Literal["fp32", "bf16", "fp16"]
 _DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -32,6 +32,7 @@ from styleray.models.augment import AugmentPipe
 from styleray.models.networks import Discriminator, Generator, requires_grad
 from styleray.models.phases import DiscriminatorMain, DiscriminatorR1, GeneratorMain, GeneratorPathLength, Phase, Round
 from styleray.models.step_scope import RandomStreams, seeded_cpu, tf32_allowed
+from styleray.models.precision import choose_for_device
 from styleray.models.transfer import freeze_discriminator_layers
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,11 @@ class StyleGAN2Trainer:
         label_pool: torch.Tensor | None = None,  # [M, c_dim] the dataset's labels, fake labels are drawn from
         # them (the reference); None = from this worker's real batch. Conditional models only.
     ):
-        self.model_cfg, self.cfg = model_cfg, train_cfg
         self.device = torch.device(device)
+        # --precision, decided here where the device is known; the model config records what ran.
+        self.precision = choose_for_device(train_cfg.precision, self.device)
+        self.model_cfg = dataclasses.replace(model_cfg, mixed_precision=self.precision.mixed_precision)
+        self.cfg = train_cfg
         if channels_last is None:
             channels_last = self.device.type == "cpu"  # measured faster on CPU (benchmarks/RESULTS.md)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format

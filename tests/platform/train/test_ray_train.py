@@ -90,3 +90,13 @@ def test_bad_input_fails_fast_naming_the_flag(
     assert exit_info.value.code == 2
     assert message.format(tmp=tmp_path) in capsys.readouterr().err
     assert time.time() - t0 < 30, case
+
+
+def test_gpu_workers_the_cluster_has_no_gpus_for_fail_fast(ray_local, tiny_data, tmp_path, capsys):
+    argv = ["train", "--preset", "cpu-tiny", "--batch", "8", "--kimg", "0.01", "--data", tiny_data,
+            "--out", str(tmp_path / "out"), "--workers", "2", "--gpus"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "--workers 2 needs 2 x (CPU 1 + GPU 1) but the cluster can place 0 (nodes: CPU 2): add nodes" in (
+        capsys.readouterr().err)

@@ -155,9 +155,15 @@ def replica_digests(state: dict[str, Any]) -> list[str]:
     return gathered
 
 
+# How the model runs, not what it is: a run may resume on another card (--precision auto: fp16 on a V100, bf16
+# on an A100) or on the CPU.
+RUNTIME_MODEL_FIELDS = frozenset({"mixed_precision"})
+
+
 def _check_model_matches(ck: ckpt_lib.Checkpoint, trainer: StyleGAN2Trainer) -> None:
     saved, ours = ck.state.get("model_cfg") or {}, dataclasses.asdict(trainer.model_cfg)
-    diff = {k: (saved.get(k), v) for k, v in ours.items() if k in saved and saved[k] != v}
+    diff = {k: (saved.get(k), v) for k, v in ours.items()
+            if k in saved and saved[k] != v and k not in RUNTIME_MODEL_FIELDS}
     if diff:
         listed = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diff.items()))
         raise ValueError(
@@ -220,6 +226,9 @@ class TrainingRun:
         self.last_ckpt: str | None = None
         self.resumed_kimg = 0.0
         self.best = ckpt_lib.read_best(self.run_dir) if hooks.is_chief else None
+        t = self.trainer
+        log.info("rank %d on %s: %d images per worker per iteration in rounds of %d; precision %s (%s)", self.rank,
+                 self.device, t.batch_per_worker, t.round_batch, t.precision.name, t.precision.reason)
 
     # ------------------------------------------------------------------ restore
 
@@ -249,6 +258,7 @@ class TrainingRun:
             "memory_mb": peak_memory_mb(self.device),
             "resumed_kimg": self.resumed_kimg,
             "rollbacks": self.rollbacks,
+            "precision": self.trainer.precision.name,
             **means,
         }
 
