@@ -89,7 +89,7 @@ class StyleGAN2Trainer:
         self.pl_mean = torch.zeros([], device=self.device)  # this rank's running mean of path lengths
         self.cur_nimg = 0  # images seen, over all ranks
         self.batch_idx = 0  # iterations done
-        self.last_r_t: float | None = None
+        self.last_r_t: torch.Tensor | float | None = None  # r_t of the latest ADA adjustment (on the device)
 
     # ------------------------------------------------------------------ construction
 
@@ -172,6 +172,11 @@ class StyleGAN2Trainer:
     def augment_p(self) -> float:
         return float(self.augment_pipe.p) if self.augment_pipe is not None else 0.0
 
+    def _augment_p_tensor(self) -> torch.Tensor:
+        if self.augment_pipe is None:
+            return torch.zeros([], device=self.device)
+        return self.augment_pipe.p.detach().clone()
+
     def _latents(self, n: int) -> torch.Tensor:
         return torch.randn([n, self.model_cfg.z_dim], device=self.device)
 
@@ -251,9 +256,9 @@ class StyleGAN2Trainer:
         reals, real_cs = split(real_img), split(real_c)
         return [[Round(*parts) for parts in zip(reals, real_cs, split(z), split(c))] for z, c in zip(gen_z, gen_c)]
 
-    def _run_phase(self, phase: Phase, rounds: list[Round]) -> dict[str, float]:
+    def _run_phase(self, phase: Phase, rounds: list[Round]) -> dict[str, torch.Tensor]:
         """Accumulate the phase's gradients over its rounds, average them over the ranks, step its optimizer;
-        returns the statistics averaged over the rounds."""
+        returns the statistics averaged over the rounds (0-dim tensors on the device: no host sync)."""
         module, opt = (self.G, self.opt_G) if phase.trains_generator else (self.D, self.opt_D)
         opt.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
@@ -263,13 +268,15 @@ class StyleGAN2Trainer:
                     sums[key] = sums[key] + value if key in sums else value
         self._sync_grads(module)
         opt.step()
-        means = (torch.stack(list(sums.values())) / len(rounds)).tolist()  # one host sync per phase
-        return dict(zip(sums, means))
+        return {key: value / len(rounds) for key, value in sums.items()}
 
-    def step(self, real_img: torch.Tensor, real_c: torch.Tensor | None = None) -> dict[str, float]:
-        """One iteration on this rank's batch: real_img [B, C, H, W] in [-1, 1], real_c [B, c_dim] or None."""
+    def step(self, real_img: torch.Tensor, real_c: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One iteration on this rank's batch: real_img [B, C, H, W] in [-1, 1], real_c [B, c_dim] or None.
+
+        Returns the step's statistics as 0-dim tensors on the device (losses, penalties, scores, augment_p, r_t):
+        nothing here waits for the device; the training loop reads them once per tick (float() works on each)."""
         real_img, real_c = self._check_reals(real_img, real_c)
-        stats: dict[str, float] = {}
+        stats: dict[str, torch.Tensor] = {}
         with self.streams.scope(), tf32_allowed(self.cfg.allow_tf32):
             for phase, rounds in zip(self.phases, self._rounds(real_img, real_c)):
                 if phase.is_due(self.batch_idx):
@@ -279,10 +286,9 @@ class StyleGAN2Trainer:
         self.batch_idx += 1
         if self.ada is not None:
             reduce = dist.all_reduce if self.world_size > 1 else None
-            r_t = self.ada.step(self.batch_idx, self.augment_pipe, all_reduce=reduce)
-            if r_t is not None:
-                self.last_r_t = r_t
-        stats["augment_p"] = self.augment_p
+            if self.ada.adjust(self.batch_idx, self.augment_pipe, all_reduce=reduce) is not None:
+                self.last_r_t = self.ada.last_r_t  # the trainer's Dmain counts reals every step: never NaN
+        stats["augment_p"] = self._augment_p_tensor()
         if self.last_r_t is not None:
             stats["r_t"] = self.last_r_t
         return stats
@@ -320,10 +326,13 @@ class StyleGAN2Trainer:
             "augment_pipe": self.augment_pipe.state_dict() if self.augment_pipe is not None else None,
             "ada": self.ada.state_dict() if self.ada is not None else None,
             "pl_mean": torch.tensor([r["pl_mean"] for r in ranks], dtype=torch.float32),  # [ranks]
-            "counters": {"cur_nimg": self.cur_nimg, "batch_idx": self.batch_idx, "last_r_t": self.last_r_t},
+            "counters": {"cur_nimg": self.cur_nimg, "batch_idx": self.batch_idx, "last_r_t": self._last_r_t_float()},
             "rng": [r["rng"] for r in ranks],
             "model_cfg": dataclasses.asdict(self.model_cfg),
         }
+
+    def _last_r_t_float(self) -> float | None:
+        return None if self.last_r_t is None else float(self.last_r_t)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.G.load_state_dict(state["G"])
