@@ -29,6 +29,7 @@ import torch.distributed as dist
 from styleray.config import ModelConfig, TrainConfig
 from styleray.models.ada import AdaController
 from styleray.models.augment import AugmentPipe
+from styleray.models.input_grad import CompiledInputGrad
 from styleray.models.networks import Discriminator, Generator, requires_grad
 from styleray.models.phases import DiscriminatorMain, DiscriminatorR1, GeneratorMain, GeneratorPathLength, Phase, Round
 from styleray.models.step_scope import RandomStreams, seeded_cpu, tf32_allowed
@@ -63,7 +64,8 @@ class StyleGAN2Trainer:
         device: str | torch.device = "cpu",
         *,
         channels_last: bool | None = None,  # NHWC activations and conv weights; None = the device's default.
-        compile: bool = False,  # torch.compile the networks for the phases without double backward.
+        compile: bool = False,  # torch.compile G's synthesis and D for the main phases, and D with its input
+        # gradient for R1 (input_grad.py); path length stays eager.
         label_pool: torch.Tensor | None = None,  # [M, c_dim] the dataset's labels, fake labels are drawn from
         # them (the reference); None = from this worker's real batch. Conditional models only.
     ):
@@ -120,13 +122,15 @@ class StyleGAN2Trainer:
             self.D = Discriminator(self.model_cfg).to(self.device, memory_format=self.memory_format).train()
         freeze_discriminator_layers(self.D, self.cfg.freeze_d)  # FreezeD (--freeze-d): before the optimizer
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-        # The networks as the main phases call them: compiled if asked. The regularisation phases take double
-        # backward, which compiled graphs do not support, so they always call the eager modules.
+        # The networks as the phases call them: compiled if asked. R1 differentiates D twice, which a compiled
+        # graph does not support: it gets D and its input gradient traced into one graph (input_grad.py).
         self._synthesis_main: Any = self.G.synthesis
         self._D_main: Any = self.D
+        self._D_input_grad: CompiledInputGrad | None = None
         if compile:
             self._synthesis_main = torch.compile(self.G.synthesis, options=_COMPILE_OPTIONS)
             self._D_main = torch.compile(self.D, options=_COMPILE_OPTIONS)
+            self._D_input_grad = CompiledInputGrad(self.D, _COMPILE_OPTIONS)
 
     def _build_augment(self) -> tuple[AugmentPipe | None, AdaController | None]:
         cfg = self.cfg
@@ -201,10 +205,26 @@ class StyleGAN2Trainer:
             ws = torch.where(mix, ws2, ws)
         return (self._synthesis_main if main else self.G.synthesis)(ws), ws
 
-    def run_D(self, img: torch.Tensor, c: torch.Tensor | None, main: bool = False) -> torch.Tensor:
+    def _augment(self, img: torch.Tensor) -> torch.Tensor:
         if self.augment_pipe is not None and float(self.augment_pipe.p) > 0:
-            img = self.augment_pipe(img)
-        return (self._D_main if main else self.D)(img, c)
+            return self.augment_pipe(img)
+        return img
+
+    def run_D(self, img: torch.Tensor, c: torch.Tensor | None, main: bool = False) -> torch.Tensor:
+        return (self._D_main if main else self.D)(self._augment(img), c)
+
+    def run_D_input_grad(self, img: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """D's logits on augment(img) and d(logits.sum())/d img (img requires grad), both differentiable w.r.t.
+        D's weights (R1). Compiled: D and its input gradient are one graph, the augment pipe's part is eager."""
+        augmented = self._augment(img)
+        if self._D_input_grad is None:
+            logits = self.D(augmented, c)
+            (grads,) = torch.autograd.grad(logits.sum(), img, create_graph=True)
+            return logits, grads
+        logits, grads = self._D_input_grad(augmented, c)
+        if augmented is not img:  # chain the augment pipe's input gradient on, eagerly
+            (grads,) = torch.autograd.grad(augmented, img, grads, create_graph=True)
+        return logits, grads
 
     def count_real_logits(self, logits: torch.Tensor) -> None:
         """D's logits on real images go into ADA's r_t (no host sync)."""
