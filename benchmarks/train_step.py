@@ -84,6 +84,7 @@ def build_trainer(args, res: int, opts: dict):
     import torch
 
     real = torch.rand([args.batch // args.workers, 3, res, res], generator=torch.Generator().manual_seed(0)) * 2 - 1
+    real = real.to(args.device)  # data loading and the host-to-device copy are not timed
     if opts.get(NVIDIA):
         from reference_replay import ReferenceReplay
 

@@ -50,6 +50,14 @@ def lazy_adam_hparams(lr: float, betas: tuple[float, float], reg_interval: int |
     return lr * ratio, tuple(b**ratio for b in betas)
 
 
+def default_channels_last(device: torch.device, model_cfg: ModelConfig) -> bool:
+    """NHWC activations: on CPU (oneDNN; measured faster, benchmarks/RESULTS.md) and on CUDA in reduced precision
+    (tensor-core convolutions want NHWC); NCHW for fp32 on CUDA."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and model_cfg.mixed_precision != "off"
+
+
 def _dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -72,7 +80,7 @@ class StyleGAN2Trainer:
         self.model_cfg, self.cfg = model_cfg, train_cfg
         self.device = torch.device(device)
         if channels_last is None:
-            channels_last = self.device.type == "cpu"  # measured faster on CPU (benchmarks/RESULTS.md)
+            channels_last = default_channels_last(self.device, model_cfg)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.rank = dist.get_rank() if _dist_ready() else 0
         self.world_size = dist.get_world_size() if _dist_ready() else 1
@@ -158,8 +166,9 @@ class StyleGAN2Trainer:
             phases.append(DiscriminatorR1(cfg.r1_interval))
         lr_g, betas_g = lazy_adam_hparams(cfg.lr_g, cfg.betas, cfg.pl_interval)
         lr_d, betas_d = lazy_adam_hparams(cfg.lr_d, cfg.betas, cfg.r1_interval)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=betas_g, eps=cfg.eps)
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas_d, eps=cfg.eps)
+        fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel per step on CUDA
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=betas_g, eps=cfg.eps, **fused)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas_d, eps=cfg.eps, **fused)
         return phases
 
     # ------------------------------------------------------------------ helpers
