@@ -4,6 +4,10 @@
     python benchmarks/serve_load.py --scenario fairness [--morph-clients 16] [--seconds 30]
     python benchmarks/serve_load.py --scenario slow-clients [--slow 600] [--spread one|many]
                                     [--slow-part body|headers] [--seconds 20]
+    python benchmarks/serve_load.py --scenario models [--models 3] [--clients 32] [--models-per-replica 3,2]
+
+models: several models from one endpoint, cold vs warm, memory per replica, clients spread over the models
+(``serve_models.py`` has the details).
 
 batching: GET /v1/sample at several concurrencies, batching on and off, and the time to the first byte of
 a 30-frame morph (described below). fairness: /v1/sample latency alone, then while ``--morph-clients``
@@ -281,7 +285,13 @@ def run_scenario(args, checkpoint: str) -> None:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", choices=["batching", "fairness", "slow-clients"], default="batching")
+    p.add_argument("--scenario", choices=["batching", "fairness", "slow-clients", "models"], default="batching")
+    p.add_argument("--models", type=int, default=3, help="models: how many runs to serve")
+    p.add_argument("--clients", type=int, default=32, help="models: clients spread over the models")
+    p.add_argument("--models-per-replica", default="3,2", help="models: the K values to measure, one app each")
+    p.add_argument("--max-replicas", type=int, default=2, help="models: autoscaling upper bound (lower: 1)")
+    p.add_argument("--target-ongoing", type=float, default=16, help="models: autoscaling target per replica")
+    p.add_argument("--warm", type=int, default=10, help="models: warm requests per model after the cold one")
     p.add_argument("--morph-clients", type=int, default=16, help="fairness: clients looping on 240-frame morphs")
     p.add_argument("--sample-clients", type=int, default=2, help="fairness: clients looping on /v1/sample")
     p.add_argument("--slow", type=int, default=600, help="slow-clients: connections that never finish their body")
@@ -369,6 +379,10 @@ def print_batching(args, checkpoint: str, rows: list[dict], ttfb, load_avg: list
 
 def main() -> None:
     args = parse_args()
+    if args.scenario == "models":
+        from serve_models import run_models
+
+        return run_models(args)
     checkpoint = args.checkpoint or make_checkpoint(tempfile.mkdtemp(prefix="serve-load-"), args.resolution)
     if args.scenario != "batching":
         return run_scenario(args, checkpoint)

@@ -167,7 +167,7 @@ class _Backend:
     """Answers every generator call with a 1x1 PNG (the routes and their validation are what is tested), and
     projection calls with a record, a PNG or a latent."""
 
-    async def call(self, method, request=None):
+    async def call(self, method, request=None, model=None):
         from styleray.serve import encode
         from styleray.serve.schemas import Encoded
 
@@ -179,8 +179,11 @@ class _Backend:
             return {"id": "3f2a9c4e1b7d", "status": "running"}
         return Encoded(encode.encode_image(np.zeros([1, 1, 3], np.uint8), "png"), "image/png", "ckpt-x", {})
 
-    async def reload(self, checkpoint, wait_s):
+    async def reload(self, model, checkpoint, wait_s):
         return 200, {"checkpoint": checkpoint}
+
+    async def models(self):
+        return {"models": [{"name": "heroes"}], "default": "heroes"}
 
     async def projections(self, method, *args):
         from styleray.serve import encode

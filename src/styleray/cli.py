@@ -25,7 +25,7 @@ typical flow:
   styleray train --data data/ --out runs/r1 --kimg 5000  # train (Ray Train with --workers N)
   styleray generate --checkpoint runs/r1 --seeds 0-15 --out grid.png
   styleray project --checkpoint runs/r1 --target hero.png --out proj/  # a real image's latent (W, W+, PTI)
-  styleray serve --checkpoint runs/r1                   # Ray Serve HTTP API + latent explorer page
+  styleray serve --runs runs/                           # every run by name: Ray Serve HTTP API + explorer page
   styleray demo                                         # all of the above on the built-in sample data
 """
 DB_HELP = "queue database (default: $STYLERAY_QUEUE or ~/.styleray/queue.db)"
@@ -413,21 +413,38 @@ def _cmd_demo(args) -> int:
 def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve",
-        help="serve a checkpoint over HTTP (Ray Serve): samples, morphs, style mixing, a web page",
-        description="Serve a checkpoint's EMA generator with Ray Serve: GET /v1/sample, POST /v1/samples, "
-        "GET /v1/morph, GET /v1/mix, GET /v1/info, POST /v1/reload, the latent explorer page at / and the "
-        "OpenAPI docs at /docs. Binds 127.0.0.1 unless --host says otherwise. When the environment variable "
-        "named by --api-key-env is set, every route needs that key (X-API-Key header); reload always does. "
-        "On a cluster, `serve deploy serve.yaml` runs the same application.",
+        help="serve trained models over HTTP (Ray Serve), by name: samples, morphs, style mixing, a web page",
+        description="Serve the EMA generators of trained runs with Ray Serve, each under a name (model=NAME on "
+        "every route; GET /v1/models lists them): GET /v1/sample, POST /v1/samples, GET /v1/morph, GET /v1/mix, "
+        "GET /v1/info, POST /v1/reload, the latent explorer page at / and the OpenAPI docs at /docs. --runs ROOT "
+        "serves every run under ROOT (a run appearing later is served within --scan-interval-s); --model NAME=RUN "
+        "names runs; --checkpoint serves one checkpoint. Binds 127.0.0.1 unless --host says otherwise. When the "
+        "environment variable named by --api-key-env is set, every route needs that key (X-API-Key header); "
+        "reload always does. On a cluster, `serve deploy serve.yaml` runs the same application.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint); local or s3://")
+    p.add_argument("--checkpoint", default=None,
+                   help="one checkpoint folder, or a run folder (its newest checkpoint), served as it is until "
+                   "POST /v1/reload, under its run folder's name; local or s3://")
+    p.add_argument("--runs", default=argparse.SUPPRESS, metavar="ROOT",
+                   help="a folder or s3:// prefix of run folders (e.g. the queue's out prefix): each is served under "
+                   "its folder's name, with its best.json choice or newest checkpoint; rescanned (default: none)")
+    p.add_argument("--model", dest="models", action="append", default=argparse.SUPPRESS, metavar="NAME=RUN",
+                   help="serve the run folder RUN as NAME, following its best.json choice or newest checkpoint "
+                   "(repeatable; default: none)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--replicas", type=int, default=1, help="generator replicas (fixed)")
     p.add_argument("--min-replicas", type=int, default=None, help="autoscale: lower bound (with --max-replicas)")
     p.add_argument("--max-replicas", type=int, default=None, help="autoscale: upper bound (with --min-replicas)")
-    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per generator replica (0: CPU)")
+    p.add_argument("--target-ongoing-requests", type=float, default=argparse.SUPPRESS,
+                   help="autoscale: requests in flight per replica that Ray aims at (default: 16)")
+    p.add_argument("--upscale-delay-s", type=float, default=argparse.SUPPRESS,
+                   help="autoscale: seconds of load before adding a replica (default: Ray's, 30)")
+    p.add_argument("--downscale-delay-s", type=float, default=argparse.SUPPRESS,
+                   help="autoscale: seconds of low load before removing a replica (default: Ray's, 600)")
+    p.add_argument("--gpus-per-replica", type=float, default=0.0,
+                   help="GPUs per generator replica (0: CPU; a fraction such as 0.25 shares a GPU between replicas)")
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs reserved per generator replica")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch device of the replicas")
     p.add_argument("--no-batching", action="store_true", help="one network call per single-image request")
@@ -436,6 +453,22 @@ def _add_serve(sub) -> None:
     p.add_argument("--api-key-env", default="STYLERAY_API_KEY", help="environment variable holding the API key")
     p.add_argument("--address", default=None, help="Ray cluster address (default: attach to a running one or start one)")
     p.add_argument("--route-prefix", default="/", help="URL prefix of the application")
+    _add_serve_groups(p)
+    p.set_defaults(func=_cmd_serve)
+
+
+def _add_serve_groups(p) -> None:
+    """The grouped `serve` flags: ServeArgs fields that keep their default there unless given (SUPPRESS)."""
+    g = p.add_argument_group("many models (README: Serving many models)")
+    g.add_argument("--default-model", default=argparse.SUPPRESS, metavar="NAME",
+                   help="the model of requests that name none (default: the first --model, else the first run)")
+    g.add_argument("--models-per-replica", type=int, default=argparse.SUPPRESS, metavar="K",
+                   help="models one replica keeps loaded; the least recently used is evicted (default: 3)")
+    g.add_argument("--scan-interval-s", type=float, default=argparse.SUPPRESS,
+                   help="how often --runs and the --model runs are rescanned for new runs and checkpoints (default: 10)")
+    g.add_argument("--scan-depth", type=int, default=argparse.SUPPRESS,
+                   help="levels below --runs where run folders are looked for (default: 2: ROOT/RUN, ROOT/GROUP/RUN)")
+    g.add_argument("--max-models", type=int, default=argparse.SUPPRESS, help="most models listed (default: 1000)")
     g = p.add_argument_group("what reload may read (README: Security)")
     g.add_argument("--reload-root", dest="reload_roots", action="append", default=argparse.SUPPRESS, metavar="PATH",
                    help="a local folder reload may read under (repeatable; default: the served run's parent)")
@@ -458,7 +491,6 @@ def _add_serve(sub) -> None:
                    help="projections kept, the oldest finished evicted (default: 32)")
     g.add_argument("--max-projection-steps", type=int, default=argparse.SUPPRESS,
                    help="most optimisation steps one projection may ask for (default: 1000)")
-    p.set_defaults(func=_cmd_serve)
 
 
 def _cmd_serve(args) -> int:
@@ -580,8 +612,10 @@ def _add_queue(sub) -> None:
     ls.add_argument("--active", action="store_true", help="only requests that have not finished")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.add_argument("--db", default=None, help=DB_HELP)
-    sh = qsub.add_parser("show", help="one request: attempts and events", description="A request's attempts and events.")
-    sh.add_argument("id", type=int, help="request id")
+    sh = qsub.add_parser("show", help="one request: attempts, events, the model name it is served under",
+                         description="A request's attempts and events; for a finished run, the model name it is "
+                         "served under when a `styleray serve --runs` app watches its out prefix.")
+    sh.add_argument("id", metavar="ID|NAME", help="request id, or name (its newest request)")
     sh.add_argument("--db", default=None, help=DB_HELP)
     c = qsub.add_parser("cancel", help="cancel a request (and stop its Ray job)",
                         description="Cancel a request; its Ray job is stopped now with --address, else by the manager.")

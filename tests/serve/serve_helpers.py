@@ -1,4 +1,4 @@
-"""Shared by the serve tests: tiny checkpoints, a free port, image decoding."""
+"""Shared by the serve tests: tiny checkpoints, a free port, image decoding, polling, the page in chromium."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import socket
+import time
 from typing import Iterator
 
 import numpy as np
@@ -145,3 +146,33 @@ class SlowClients:
     def close(self) -> None:
         for s in self.socks:
             s.close()
+
+
+def until(predicate, deadline_s: float, what: str, poll_s: float = 0.1):
+    """Poll ``predicate`` until it returns something true (returned), failing after ``deadline_s``."""
+    end = time.monotonic() + deadline_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < end, f"timed out after {deadline_s} s waiting for {what}"
+        time.sleep(poll_s)
+
+
+@contextlib.contextmanager
+def browser_page(key: str):
+    """A headless chromium page that sends ``key`` as the Basic-auth password, and the page errors it records
+    (the test asserts there are none)."""
+    from playwright.sync_api import sync_playwright
+    from test_serve_http import CHROMIUM_ARGS, _chromium
+
+    executable = _chromium()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(http_credentials={"username": "viewer", "password": key}).new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            yield page, errors
+        finally:
+            browser.close()

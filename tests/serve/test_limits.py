@@ -23,11 +23,11 @@ class BlockingBackend(FakeBackend):
         self.release = asyncio.Event()
         self.entered = 0
 
-    async def call(self, method, request=None):
+    async def call(self, method, request=None, model=None):
         if method == "sample":
             self.entered += 1
             await self.release.wait()
-        return await super().call(method, request)
+        return await super().call(method, request, model)
 
 
 async def _gather_while_blocked(app, backend, requests: list[dict], held: int) -> list[httpx.Response]:

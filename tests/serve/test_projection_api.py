@@ -25,7 +25,7 @@ class FakeBackend:
         self.calls = []
         self.raise_on_start: Exception | None = None
 
-    async def call(self, method, request=None):
+    async def call(self, method, request=None, model=None):
         self.calls.append((method, request))
         if method == "start_projection":
             if self.raise_on_start is not None:
@@ -36,7 +36,7 @@ class FakeBackend:
 
         return Encoded(encode.encode_image(np.zeros([1, 1, 3], np.uint8), "png"), "image/png", "ckpt-x", {})
 
-    async def reload(self, checkpoint, wait_s):
+    async def reload(self, model, checkpoint, wait_s):
         return 200, {}
 
     async def projections(self, method, *args):

@@ -36,11 +36,13 @@ class FakeBackend:
 
     def __init__(self):
         self.calls = []
+        self.models_asked = []  # the model= of each call (None: the default)
         png = encode.encode_image(np.zeros([1, 1, 3], np.uint8), "png")
         self.answer = Encoded(png, "image/png", "ckpt-x", {"X-Seed": "1"})
 
-    async def call(self, method, request=None):
+    async def call(self, method, request=None, model=None):
         self.calls.append((method, request))
+        self.models_asked.append(model)
         if method == "info":
             return {"resolution": 1}
         if method == "ping":
@@ -52,8 +54,12 @@ class FakeBackend:
     async def health(self):
         return 200, {"status": "ok", "checkpoint": "ckpt-x"}
 
-    async def reload(self, checkpoint, wait_s):
+    async def models(self):
+        return {"models": [{"name": "a"}], "default": "a"}
+
+    async def reload(self, model, checkpoint, wait_s):
         self.calls.append(("reload", checkpoint))
+        self.models_asked.append(model)
         return 200, {"checkpoint": checkpoint}
 
 

@@ -117,3 +117,48 @@ def test_serve_command_serves_until_interrupted(tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     assert proc.returncode in (0, 130), proc.stdout.read().decode(errors="replace")[-3000:]
+
+
+def test_many_model_flags_reach_serve_args_and_bad_ones_exit_2(tmp_path, capsys):
+    """--runs, --model NAME=RUN (repeatable), --models-per-replica and the autoscaling flags map onto ServeArgs;
+    nothing to serve, a malformed or repeated --model, a missing --runs folder exit 2 naming the flag."""
+    from styleray.serve.cli_serve import serve_args_from_flags
+
+    parsed = cli.build_parser().parse_args([
+        "serve", "--runs", "runs", "--model", "heroes=runs/h", "--model", "faces=s3://b/runs/f",
+        "--models-per-replica", "2", "--scan-interval-s", "5", "--default-model", "faces", "--min-replicas", "1",
+        "--max-replicas", "4", "--target-ongoing-requests", "8", "--gpus-per-replica", "0.25", "--device", "cuda"])
+    args = serve_args_from_flags(parsed)
+    assert os.path.isabs(args.runs) and args.checkpoint is None
+    assert list(args.models) == ["heroes", "faces"] and os.path.isabs(args.models["heroes"])
+    assert args.models["faces"] == "s3://b/runs/f" and args.default_model == "faces"
+    assert (args.models_per_replica, args.scan_interval_s, args.gpus_per_replica) == (2, 5.0, 0.25)
+    assert args.autoscaling == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8.0}
+    for argv, message in [
+        ([], "nothing to serve: give --runs ROOT, --model NAME=RUN"),
+        (["--model", "heroes"], "--model 'heroes': write NAME=RUN"),
+        (["--model", "a=x", "--model", "a=y"], "the name 'a' is given twice"),
+        (["--model", "a b=x"], "model name 'a b'"),
+        (["--runs", str(tmp_path / "none")], "--runs"),
+        (["--runs", str(tmp_path), "--models-per-replica", "0"], "--models-per-replica"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["serve", *argv])
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err, argv
+
+
+def test_the_duplicate_name_rule_is_said_at_start(tmp_path, caplog):
+    """Two runs named alike under --runs: the start-up check logs which run keeps the plain name."""
+    import logging
+
+    from styleray.serve.cli_serve import check_sources, serve_args_from_flags
+
+    make_checkpoint(str(tmp_path / "heroes"), seed=0, cur_nimg=500)
+    make_checkpoint(str(tmp_path / "old" / "heroes"), seed=1, cur_nimg=500)
+    args = serve_args_from_flags(cli.build_parser().parse_args(["serve", "--runs", str(tmp_path)]))
+    with caplog.at_level(logging.INFO):
+        check_sources(args)
+    text = caplog.text
+    assert "two runs named 'heroes': heroes serves as 'heroes', old/heroes as 'old.heroes'" in text
+    assert "model old.heroes:" in text and "rescanned every 10 s" in text

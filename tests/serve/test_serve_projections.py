@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from prep_helpers import awkward_files, png_claiming
-from serve_helpers import decode, frames, free_port, make_checkpoint
+from serve_helpers import browser_page, decode, frames, free_port, make_checkpoint
 
 from styleray.datasets.synthetic import render_figure
 from styleray.models import sampling
@@ -178,40 +178,28 @@ def test_only_the_newest_projections_are_kept(client):
 
 
 def test_page_uploads_an_image_shows_it_converge_and_morphs_it(server, tmp_path):
-    from test_serve_http import CHROMIUM_ARGS, _chromium
-
-    executable = _chromium()
-    from playwright.sync_api import sync_playwright
-
     image = tmp_path / "hero.png"
     image.write_bytes(hero())
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_context(http_credentials={"username": "viewer", "password": KEY}).new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server + "/")
-            page.wait_for_function("() => document.querySelector('#model').textContent.includes('ckpt-')")
-            page.set_input_files("#upload", str(image))
-            page.fill("#proj-steps", "150")
-            page.click("#project-go")
-            page.wait_for_selector("#projection[data-state=running]", timeout=30_000)
-            page.wait_for_selector("#projection[data-state=done]", timeout=240_000)
-            assert "PSNR" in page.inner_text("#projection-status")
-            loaded = "(id) => { const i = document.getElementById(id); return i.complete && i.naturalWidth > 0; }"
-            page.wait_for_function(f"() => ({loaded})('proj-target') && ({loaded})('proj-recon')", timeout=30_000)
-            assert page.eval_on_selector("#proj-recon", "i => i.naturalWidth") == RES
-            assert page.eval_on_selector("#proj-progress", "p => p.value === p.max && p.max === 150")
-            page.fill("#steps", "6")
-            page.fill("#proj-seed", "7")
-            page.click("#proj-morph")
-            page.wait_for_selector("#morph[data-state=playing]", timeout=60_000)
-            assert page.get_attribute("#morph", "data-frames") == "7"
-            page.screenshot(path=str(tmp_path / "page.png"))
-            assert not errors, errors
-        finally:
-            browser.close()
+    with browser_page(KEY) as (page, errors):
+        page.goto(server + "/")
+        page.wait_for_function("() => document.querySelector('#model').textContent.includes('ckpt-')")
+        page.set_input_files("#upload", str(image))
+        page.fill("#proj-steps", "150")
+        page.click("#project-go")
+        page.wait_for_selector("#projection[data-state=running]", timeout=30_000)
+        page.wait_for_selector("#projection[data-state=done]", timeout=240_000)
+        assert "PSNR" in page.inner_text("#projection-status")
+        loaded = "(id) => { const i = document.getElementById(id); return i.complete && i.naturalWidth > 0; }"
+        page.wait_for_function(f"() => ({loaded})('proj-target') && ({loaded})('proj-recon')", timeout=30_000)
+        assert page.eval_on_selector("#proj-recon", "i => i.naturalWidth") == RES
+        assert page.eval_on_selector("#proj-progress", "p => p.value === p.max && p.max === 150")
+        page.fill("#steps", "6")
+        page.fill("#proj-seed", "7")
+        page.click("#proj-morph")
+        page.wait_for_selector("#morph[data-state=playing]", timeout=60_000)
+        assert page.get_attribute("#morph", "data-frames") == "7"
+        page.screenshot(path=str(tmp_path / "page.png"))
+        assert not errors, errors
 
 
 # -- last: switching the served model makes old projections unusable (409) --------------------------------

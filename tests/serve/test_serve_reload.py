@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import make_broken_checkpoint, make_checkpoint, running_app
+from serve_helpers import make_broken_checkpoint, make_checkpoint, running_app, until
 
 KEY = "reload-key-71c2"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -79,16 +79,6 @@ def until_sample_answers(client, deadline_s: float) -> tuple[httpx.Response, lis
         time.sleep(0.25)
 
 
-def until(predicate, deadline_s: float, what: str):
-    end = time.monotonic() + deadline_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < end, f"timed out after {deadline_s} s waiting for {what}"
-        time.sleep(0.25)
-
-
 def test_reload_reads_only_allowed_sources_and_shows_no_server_paths(client, runs):
     refused = {
         "http://127.0.0.1:9/ckpt": "the http:// scheme is not allowed",
@@ -137,7 +127,7 @@ def test_a_replica_that_cannot_build_the_published_target_falls_back(client, run
     assert r.status_code == 200 and r.json()["checkpoint"] == "ckpt-000000002000", r.text
     registry = serve.get_deployment_handle("CheckpointRegistry", app_name="styleray")
     bad = str(runs / "runs" / "broken" / "checkpoints" / "ckpt-000000003000")
-    registry.publish.remote(bad).result()
+    registry.publish.remote("r1", bad).result()
 
     health = until(lambda: (h := client.get("/healthz").json())["status"] == "degraded" and h, 30, "degraded")
     (error,) = health["fallback"].values()

@@ -15,14 +15,14 @@ fp32        fp32                    fp32                                        
 Reduced precision applies where the reference applies it: the convolutions of the top resolutions
 (``ModelConfig.num_fp16_res``), their outputs clamped to ``±conv_clamp``; the mapping network, the low
 resolutions, the losses, the optimizer state and the weights stay fp32. The gradients are zeroed where they are
-not finite (:func:`zero_nonfinite_grads_`) before each optimizer step in bf16 and fp16, as the reference does for
-fp16: one overflowing round must not poison Adam's moments.
+not finite before every optimizer step (NaN to 0, ±inf to ±1e5, as the reference does; the trainer's gradient
+averaging does it on the flat all-reduce buffer), so one overflowing round cannot poison Adam's moments.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Literal
 
 import torch
 
@@ -92,10 +92,3 @@ def choose_for_device(wish: str, device: torch.device | str) -> PrecisionChoice:
     device = torch.device(device)
     return choose_precision(wish, device.type, device_capability(device))
 
-
-@torch.no_grad()
-def zero_nonfinite_grads_(params: Iterable[torch.nn.Parameter]) -> None:
-    """Set NaN and ±inf gradient entries to 0, in place, without a host synchronisation."""
-    for p in params:
-        if p.grad is not None:
-            torch.nan_to_num(p.grad, nan=0.0, posinf=0.0, neginf=0.0, out=p.grad)

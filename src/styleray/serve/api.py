@@ -27,11 +27,13 @@ from styleray.serve.schemas import MAX_FRAMES, MAX_MIX_SIDE, MAX_SEED, MAX_SEEDS
 class Backend(Protocol):
     """What the routes call; the ingress deployment implements it with the sampler and registry handles."""
 
-    async def call(self, method: str, request: Any = None) -> Any: ...
+    async def call(self, method: str, request: Any = None, model: str | None = None) -> Any: ...
+
+    async def models(self) -> dict: ...  # GET /v1/models
 
     async def health(self) -> tuple[int, dict]: ...
 
-    async def reload(self, checkpoint: str | None, wait_s: float) -> tuple[int, dict]: ...
+    async def reload(self, model: str | None, checkpoint: str | None, wait_s: float) -> tuple[int, dict]: ...
 
     async def projections(self, method: str, *args: Any) -> Any: ...  # the ProjectionStore (serve/projections.py)
 
@@ -43,8 +45,9 @@ def create_api(
     api = FastAPI(
         title="styleray",
         version="1",
-        description="StyleGAN2-ADA samples, morphs and style mixing from a trained checkpoint, and projections of "
-        "real images into its latent space (proj:ID stands for a projected image wherever a seed can). "
+        description="StyleGAN2-ADA samples, morphs and style mixing from trained models served by name (model=NAME on "
+        "every route; GET /v1/models lists them), and projections of real images into a model's latent space "
+        "(proj:ID stands for a projected image wherever a seed can, with the model that made it). "
         f"Bounds: seeds in [0, {MAX_SEED}], at most {MAX_SEEDS} seeds per request, {MAX_FRAMES} frames per "
         f"morph, {MAX_MIX_SIDE}x{MAX_MIX_SIDE} style-mixing grids, truncation in {list(TRUNCATION_RANGE)}.",
         docs_url=None,  # routes.add_docs serves an offline page instead of Swagger UI from a CDN

@@ -26,17 +26,40 @@ class ServeArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    checkpoint: str = Field(
-        description="checkpoint folder, or run folder (its newest good checkpoint); local path or s3:// URI"
+    # what is served (at least one; serve/catalog.py has the naming rule)
+    checkpoint: str | None = Field(
+        None, description="checkpoint folder, or run folder (its newest good checkpoint at start), served until "
+        "POST /v1/reload under its run folder's name; local path or s3:// URI"
+    )
+    models: dict[str, str] = Field(
+        default_factory=dict, description="NAME -> run folder (its best.json choice or newest checkpoint, followed) "
+        "or checkpoint folder"
+    )
+    runs: str | None = Field(
+        None, description="a folder or s3:// prefix of run folders, each served under its folder's name, rescanned "
+        "every scan_interval_s"
+    )
+    default_model: str | None = Field(None, description="the model of requests that name none (default: the first)")
+    scan_interval_s: float = Field(10.0, gt=0, le=3600, description="how often runs and followed runs are rescanned")
+    scan_depth: int = Field(2, ge=1, le=4, description="levels below runs where run folders are looked for")
+    max_models: int = Field(1000, ge=1, description="most models listed; more are logged and left out")
+    models_per_replica: int = Field(
+        3, ge=1, le=64, description="models one sampler replica keeps loaded (least recently used evicted)"
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: cuda when the replica has a GPU, else cpu"
     )
-    # replicas and resources
+    # replicas and resources (README: Serving many models)
     replicas: int = Field(1, ge=1, description="sampler replicas when not autoscaling")
     min_replicas: int | None = Field(None, ge=0, description="autoscaling lower bound (set both bounds to autoscale)")
     max_replicas: int | None = Field(None, ge=1, description="autoscaling upper bound")
     target_ongoing_requests: float = Field(16.0, gt=0, description="autoscaling target per replica")
+    upscale_delay_s: float | None = Field(None, ge=0, description="autoscaling: load this long before scaling up "
+                                          "(default: Ray's, 30 s)")
+    downscale_delay_s: float | None = Field(None, ge=0, description="autoscaling: idle this long before scaling "
+                                            "down (default: Ray's, 600 s)")
+    look_back_period_s: float | None = Field(None, gt=0, description="autoscaling: the window load is averaged over "
+                                             "(default: Ray's, 30 s)")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs reserved by each sampler replica")
     cpus_per_replica: float = Field(1.0, ge=0, description="CPUs reserved by each sampler replica")
     ingress_cpus: float = Field(0.1, ge=0, description="CPUs reserved by the HTTP ingress replica")
@@ -98,8 +121,28 @@ class ServeArgs(BaseModel):
                 raise ValueError(f"{p!r} is not an IP address or network like 10.0.0.0/8") from None
         return proxies
 
+    @field_validator("models")
+    @classmethod
+    def _models(cls, models: dict[str, str]) -> dict[str, str]:
+        from styleray.serve.catalog import check_name
+
+        for name, path in models.items():
+            check_name(name)
+            if not path.strip():
+                raise ValueError(f"model {name!r}: give its run folder (NAME=RUN)")
+        return models
+
+    @field_validator("default_model")
+    @classmethod
+    def _default(cls, name: str | None) -> str | None:
+        from styleray.serve.catalog import check_name
+
+        return None if name is None else check_name(name, "default model")
+
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":
+        if self.checkpoint is None and not self.models and self.runs is None:
+            raise ValueError("nothing to serve: give a checkpoint, models (NAME=RUN) or runs (a folder of runs)")
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise ValueError("autoscaling needs both min_replicas and max_replicas (or neither, for fixed replicas)")
         if self.max_replicas is not None and self.min_replicas > self.max_replicas:
@@ -117,10 +160,12 @@ class ServeArgs(BaseModel):
         return int(self.max_checkpoint_mb * 2**20)
 
     def source_policy(self) -> "SourcePolicy":
-        """Where reload may read from (see styleray.serve.sources)."""
+        """Where reload may read from (see styleray.serve.sources): by default every served run's parent
+        folder, and the runs folder."""
         from styleray.serve.sources import SourcePolicy
 
-        return SourcePolicy.for_served(self.checkpoint, self.reload_roots, self.reload_schemes)
+        served = ([self.checkpoint] if self.checkpoint else []) + list(self.models.values())
+        return SourcePolicy.for_models(served, self.runs, self.reload_roots, self.reload_schemes)
 
     def http_limits(self) -> "HttpLimits":
         from styleray.serve.limits import HttpLimits
@@ -138,8 +183,11 @@ class ServeArgs(BaseModel):
     def autoscaling(self) -> dict | None:
         if self.max_replicas is None:
             return None
-        return {
+        config = {
             "min_replicas": self.min_replicas,
             "max_replicas": self.max_replicas,
             "target_ongoing_requests": self.target_ongoing_requests,
         }
+        delays = {"upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+                  "look_back_period_s": self.look_back_period_s}
+        return {**config, **{k: v for k, v in delays.items() if v is not None}}

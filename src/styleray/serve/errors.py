@@ -3,7 +3,9 @@
 - 422 for requests the API or the model refuses (``RequestValidationError``, ``InvalidRequest``), with the
   offending input echoed as JSON-safe text (a NaN or an infinity from a JSON body is echoed as "nan"/"inf";
   it used to make the error handler itself fail with a 500); an ``InvalidRequest`` subclass may carry its
-  own ``status`` (404, 409, 413, 415, 429 with ``retry_after``: ``serve/projections.py``);
+  own ``status`` (404, 409, 413, 415, 429 with ``retry_after``: ``serve/projections.py``; 404 for an unknown
+  model with the names in ``models``, 503 for one that cannot be loaded: ``serve/catalog.py``) and ``extra``
+  fields for the body;
 - 503 when no sampler replica can take the request right now (``Unavailable``), with ``Retry-After``;
 - 4xx of Starlette (404, 405, ...) with their reason;
 - 500 for anything else, without detail (the traceback goes to the server log only).
@@ -48,7 +50,7 @@ async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
 
 
 async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:
-    response = error(getattr(exc, "status", 422), str(exc))
+    response = error(getattr(exc, "status", 422), str(exc), **getattr(exc, "extra", {}))
     if getattr(exc, "retry_after", None) is not None:
         response.headers["Retry-After"] = str(exc.retry_after)
     return response

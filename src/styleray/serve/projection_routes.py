@@ -38,10 +38,10 @@ from styleray.serve.schemas import MAX_SEED, InvalidRequest
 NOT_IMAGES = ("multipart/", "application/x-www-form-urlencoded", "application/json", "text/")
 
 
-def _links(pid: str) -> dict:
+def _links(pid: str, model: str | None = None) -> dict:
     return {"self": f"v1/projections/{pid}", "target": f"v1/projections/{pid}/target.png",
             "reconstruction": f"v1/projections/{pid}/reconstruction.png", "latent": f"v1/projections/{pid}/latent.npz",
-            "morph_example": f"v1/morph?from=proj:{pid}&to=seed:42"}
+            "morph_example": f"v1/morph?from=proj:{pid}&to=seed:42" + (f"&model={model}" if model else "")}
 
 
 def _png(data: bytes, name: str) -> Response:
@@ -58,6 +58,8 @@ def add_projection_start(api: FastAPI, backend: Any, key: Any) -> None:
         seed: int = Query(0, ge=0, le=MAX_SEED, description="seed of the search's exploration noise"),
         class_idx: int | None = Query(None, alias="class", ge=0, description="conditional models: the start's class"),
         frame: Literal["auto", "prepare", "resize"] = Query("auto", description="as styleray project --frame"),
+        model: str | None = Query(None, max_length=200, description="the model to project into (default: the "
+                                  "only or the first); proj:ID is then usable with that model only"),
     ):
         ctype = request.headers.get("content-type", "").lower()
         if ctype.startswith(NOT_IMAGES):
@@ -68,8 +70,9 @@ def add_projection_start(api: FastAPI, backend: Any, key: Any) -> None:
             raise PayloadTooLarge(f"image of {len(body)} bytes is larger than {MAX_UPLOAD_BYTES}")
         if not body:
             raise InvalidRequest("empty body: send the image file's bytes as the request body")
-        record = await backend.call("start_projection", ProjectionRequest(body, steps, space, seed, class_idx, frame))
-        record["links"] = _links(record["id"])
+        req = ProjectionRequest(body, steps, space, seed, class_idx, frame)
+        record = await backend.call("start_projection", req, model=model)
+        record["links"] = _links(record["id"], record.get("model"))
         return JSONResponse(record, status_code=202, headers={"Location": record["links"]["self"]})
 
 
@@ -83,7 +86,7 @@ def add_projection_get(api: FastAPI, backend: Any, key: Any) -> None:
     @api.get(UPLOAD_PATH + "/{pid}", summary="A projection's status and progress; once done its PSNR and latent")
     async def get_projection(pid: str):
         record = await backend.projections("get", parse_projection_id(pid))
-        return {**record, "links": _links(pid)}
+        return {**record, "links": _links(pid, record.get("model"))}
 
 
 def add_projection_images(api: FastAPI, backend: Any, key: Any) -> None:

@@ -58,8 +58,8 @@ class ProjectionRunner:
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def start(self, model, req: ProjectionRequest) -> dict:
-        """Frame the image, record the projection, start it; its record (status running)."""
+    async def start(self, name: str, model, req: ProjectionRequest) -> dict:
+        """Frame the image, record the projection (made by model ``name``), start it; its record (running)."""
         if req.steps > self._max_steps:
             raise InvalidRequest(f"steps={req.steps}: this server allows at most {self._max_steps} projection steps")
         if len(self._running) >= self._slots:
@@ -72,7 +72,7 @@ class ProjectionRunner:
             target = await asyncio.to_thread(_frame, model.G, req)
             params = {"steps": req.steps, "space": req.space, "seed": req.seed, "framing": target.framing,
                       "source": {"width": target.width, "height": target.height, "mode": target.mode},
-                      "checkpoint": model.name, "checkpoint_uri": model.public_uri,
+                      "model": name, "checkpoint": model.name, "checkpoint_uri": model.public_uri,
                       "resolution": model.G.img_resolution, "num_ws": model.G.num_ws, "w_dim": model.G.w_dim}
             png = await asyncio.to_thread(encode.encode_image, target.image, "png")
             record = await self._store.create.remote(pid, params, png)

@@ -27,7 +27,7 @@ class ProjectionRecord:
     id: str
     status: str  # running, done, failed
     created: float
-    params: dict  # steps, space, seed, framing, source size, checkpoint name/uri, num_ws, w_dim, resolution
+    params: dict  # steps, space, seed, framing, source size, model, checkpoint name/uri, num_ws, w_dim, resolution
     target_png: bytes
     progress: dict = field(default_factory=dict)  # step, steps, distance, psnr, seconds
     reconstruction_png: bytes | None = None  # the latest preview; the final reconstruction when done

@@ -44,9 +44,10 @@ from styleray.serve.schemas import (
 )
 from styleray.serve.projection_routes import PROJECTION_ROUTES
 
-PUBLIC_HEADERS = ["X-Checkpoint", "X-Seed", "X-Batch-Size", "X-Frames", "X-Images", "X-Grid"]
+PUBLIC_HEADERS = ["X-Model", "X-Checkpoint", "X-Replica", "X-Seed", "X-Batch-Size", "X-Frames", "X-Images", "X-Grid"]
 SEEDS_HELP = "comma-separated seeds, each an integer in [0, %d] (digits 0-9), or proj:ID (a projection)" % MAX_SEED
 LATENT_CHARS = 18  # the longest latent reference, proj: and 12 characters, and its comma
+MAX_NAME_CHARS = 200  # a model name is at most 64 characters; longer ones get the 404 that lists the names
 
 
 def image_response(enc: Encoded, filename: str) -> Response:
@@ -68,6 +69,11 @@ def truncation_query():
 
 def class_query():
     return Query(None, alias="class", ge=0, description="class index (conditional models only)")
+
+
+def model_query():
+    return Query(None, max_length=MAX_NAME_CHARS,
+                 description="the model, by name (GET /v1/models lists them); default: the only or the first")
 
 
 def quality_query():
@@ -101,10 +107,17 @@ def add_healthz(api: FastAPI, backend, key: ApiKey) -> None:
         return JSONResponse(body, status_code=status)
 
 
+def add_models(api: FastAPI, backend, key: ApiKey) -> None:
+    @api.get("/v1/models", summary="Every model served, by name: resolution, classes, kimg, the checkpoint it "
+             "serves (best.json's choice or the newest), FID/KID when recorded, status")
+    async def models():
+        return await backend.models()
+
+
 def add_info(api: FastAPI, backend, key: ApiKey) -> None:
-    @api.get("/v1/info", summary="The served model: resolution, classes, kimg, checkpoint, fallback, limits")
-    async def info():
-        return await backend.call("info")
+    @api.get("/v1/info", summary="One model: resolution, classes, kimg, checkpoint, fallback, limits (loads it)")
+    async def info(model: str | None = model_query()):
+        return await backend.call("info", model=model)
 
 
 def add_sample(api: FastAPI, backend, key: ApiKey) -> None:
@@ -121,9 +134,10 @@ def add_sample(api: FastAPI, backend, key: ApiKey) -> None:
         noise: NoiseMode = Query("const", description="const: the trained noise maps; random: seeded by the seed"),
         format: ImageFormat = Query("png"),
         quality: int = quality_query(),
+        model: str | None = model_query(),
     ):
         req = SampleRequest(seed, Sampling(float(truncation), class_idx, noise), format, quality)
-        return image_response(await backend.call("sample", req), f"seed{seed}.{format}")
+        return image_response(await backend.call("sample", req, model=model), f"seed{seed}.{format}")
 
 
 def add_samples(api: FastAPI, backend, key: ApiKey) -> None:
@@ -133,8 +147,8 @@ def add_samples(api: FastAPI, backend, key: ApiKey) -> None:
         response_class=Response,
         responses={200: {"content": {"image/png": {}, "application/zip": {}}}},
     )
-    async def samples(body: SamplesBody = Body(...)):
-        return image_response(await backend.call("grid", body.to_request()), f"samples.{body.format}")
+    async def samples(body: SamplesBody = Body(...), model: str | None = model_query()):
+        return image_response(await backend.call("grid", body.to_request(), model=model), f"samples.{body.format}")
 
 
 def add_morph(api: FastAPI, backend, key: ApiKey) -> None:
@@ -159,12 +173,13 @@ def add_morph(api: FastAPI, backend, key: ApiKey) -> None:
         noise: FrameNoise = Query("const", description="const or none (random noise would flicker)"),
         format: AnimationFormat = Query("gif"),
         quality: int = quality_query(),
+        model: str | None = model_query(),
     ):
         seed_list = morph_latents(seeds, from_, to)
         sampling = Sampling(float(truncation), class_idx, noise)
         req = MorphRequest(tuple(seed_list), steps, space, loop, fps, sampling, format, quality)
         check_frames(req)
-        enc = await backend.call("morph", req)
+        enc = await backend.call("morph", req, model=model)
         names = "-".join(str(s).replace("proj:", "p") for s in seed_list[:8])
         return image_response(enc, f"morph-{names}.{format}")
 
@@ -205,6 +220,7 @@ def add_mix(api: FastAPI, backend, key: ApiKey) -> None:
         truncation: float = truncation_query(),
         class_idx: int | None = class_query(),
         noise: FrameNoise = Query("const", description="const or none (random noise is seeded per sample)"),
+        model: str | None = model_query(),
     ):
         req = MixRequest(
             rows=tuple(parse_latent_list(rows, "rows", MAX_MIX_SIDE)),
@@ -212,21 +228,21 @@ def add_mix(api: FastAPI, backend, key: ApiKey) -> None:
             layers=tuple(l) if (l := parse_layers(layers)) is not None else None,
             sampling=Sampling(float(truncation), class_idx, noise),
         )
-        return image_response(await backend.call("mix", req), "mix.png")
+        return image_response(await backend.call("mix", req, model=model), "mix.png")
 
 
 def add_reload(api: FastAPI, backend, key: ApiKey) -> None:
     @api.post(
         "/v1/reload",
-        summary="Build, test and publish a checkpoint; every replica switches without dropping requests "
-        "(X-API-Key header)",
+        summary="Build, test and publish a checkpoint for a model; every replica holding it switches without "
+        "dropping requests (X-API-Key header)",
         dependencies=[Depends(reload_key_dependency(key))],
     )
-    async def reload(body: ReloadBody | None = Body(None)):
+    async def reload(body: ReloadBody | None = Body(None), model: str | None = model_query()):
         body = body or ReloadBody()
-        status, result = await backend.reload(body.checkpoint, body.wait_s)
+        status, result = await backend.reload(model, body.checkpoint, body.wait_s)
         return JSONResponse(result, status_code=status)
 
 
-ROUTES = (add_page, add_docs, add_healthz, add_info, add_sample, add_samples, add_morph, add_mix, add_reload,
+ROUTES = (add_page, add_docs, add_healthz, add_models, add_info, add_sample, add_samples, add_morph, add_mix, add_reload,
           *PROJECTION_ROUTES)

@@ -70,6 +70,31 @@ class SourcePolicy:
             base = chosen[0] if chosen else os.path.dirname(os.path.abspath(run_folder(served)))
         return cls(roots=chosen, schemes=tuple(s.lower() for s in schemes), base=base)
 
+    @classmethod
+    def for_models(cls, served: list[str], runs: str | None, roots: tuple[str, ...] | None,
+                   schemes: tuple[str, ...]) -> "SourcePolicy":
+        """Several served paths: the default roots are every served run's parent folder, and ``runs`` itself."""
+        first = served[0] if served else runs
+        if first is None:
+            raise ValueError("nothing to serve: give a checkpoint, models or runs")
+        policy = cls.for_served(first, roots, schemes)
+        if roots:
+            return policy
+        extra = [r for path in served[1:] for r in default_roots(path)]
+        if runs is not None and not scheme_of(runs):
+            extra.append(os.path.realpath(os.path.abspath(runs.removeprefix("file://"))))
+        if not served and runs is not None:  # relative names are runs under ROOT
+            base = runs if scheme_of(runs) else extra[-1]
+            return cls(tuple(dict.fromkeys(extra)), policy.schemes, base)
+        return cls(tuple(dict.fromkeys(policy.roots + tuple(extra))), policy.schemes, policy.base)
+
+    def with_base(self, served: str) -> "SourcePolicy":
+        """The same policy, relative names resolving beside ``served`` (a model's run or checkpoint)."""
+        run = run_folder(served)
+        if scheme_of(run):
+            return SourcePolicy(self.roots, self.schemes, posixpath.dirname(run))
+        return SourcePolicy(self.roots, self.schemes, os.path.dirname(os.path.abspath(run.removeprefix("file://"))))
+
     def resolve(self, target: str) -> str:
         """The absolute path or URI to read for ``target``; InvalidRequest (no server paths) when refused."""
         if "\x00" in target or not target.strip():

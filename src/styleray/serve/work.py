@@ -33,23 +33,27 @@ def check_layers(G: Any, layers: tuple[int, ...] | None) -> None:
         raise InvalidRequest(f"layers {bad} out of range: this generator has layers 0-{G.num_ws - 1}")
 
 
-def sample_group(model: LoadedModel, reqs: list[SampleRequest]) -> list[Any]:
-    """One image per request; requests sharing sampling settings run as one batch. A request the model
+def sample_group(items: list[tuple[LoadedModel, SampleRequest]]) -> list[Any]:
+    """One image per request: ``(image, requests of its model in this call)``. Requests sharing a model and
+    sampling settings run as one batch; the network never sees two models in one call. A request the model
     rejects gets its exception back instead of failing the others."""
-    groups: dict[Sampling, list[int]] = defaultdict(list)
-    for i, r in enumerate(reqs):
-        groups[r.sampling].append(i)
-    out: list[Any] = [None] * len(reqs)
-    for sampling, idx in groups.items():
+    groups: dict[tuple[int, Sampling], list[int]] = defaultdict(list)
+    per_model: dict[int, int] = defaultdict(int)
+    for i, (model, req) in enumerate(items):
+        groups[(id(model), req.sampling)].append(i)
+        per_model[id(model)] += 1
+    out: list[Any] = [None] * len(items)
+    for (key, sampling), idx in groups.items():
+        model = items[idx[0]][0]
         try:
-            check_sampling(model.G, sampling)  # the model may have been swapped since the request was checked
-            images = generate(model, [reqs[i].seed for i in idx], sampling)
+            check_sampling(model.G, sampling)
+            images = generate(model, [items[i][1].seed for i in idx], sampling)
         except InvalidRequest as e:
             for i in idx:
                 out[i] = e
             continue
         for k, i in enumerate(idx):
-            out[i] = (images[k], len(reqs), model.name)
+            out[i] = (images[k], per_model[key])
     return out
 
 

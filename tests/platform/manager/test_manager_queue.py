@@ -222,3 +222,32 @@ def test_the_queue_commands_do_not_import_ray_or_torch(tmp_path):
     code = ("import sys; from styleray.cli import main; main(['queue', 'list', '--db', sys.argv[1]]); "
             "assert 'ray' not in sys.modules and 'torch' not in sys.modules, 'heavy import'")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "q.db")], check=True, capture_output=True)
+
+
+def test_queue_show_by_name_prints_the_model_name_a_serve_app_serves_it_under(tmp_path, capsys):
+    """`queue show NAME`: a finished run under a folder a serve app watches (its .styleray-served.json record,
+    written by `styleray serve --runs`) shows the model name; one not listed yet says when it will be."""
+    from styleray.platform.served import write_record
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    db = str(tmp_path / "q.db")
+    with Queue(db) as q:
+        done = q.add(name="heroes", settings={"data": "/d", "out": str(root / "heroes")}, out=str(root / "heroes"),
+                     target_kimg=1.0)
+        fresh = q.add(name="faces", settings={"data": "/d", "out": str(root / "faces")}, out=str(root / "faces"),
+                      target_kimg=1.0)
+        for rid in (done.id, fresh.id):
+            assert q.transition(rid, State.QUEUED, State.SUCCEEDED, event=("x", "done"))
+        assert "served as" not in report.show(q, done.id)  # no serve app watches runs/
+    write_record(str(root), {"heroes": {"run": str(root / "heroes"), "checkpoint": "ckpt-000000001000"}}, 10.0)
+    assert main(["queue", "show", "heroes", "--db", db]) == 0
+    out = capsys.readouterr().out
+    assert "request 1: heroes" in out
+    assert f"served as  model 'heroes' (ckpt-000000001000) by the serve app watching {root}" in out
+    assert main(["queue", "show", str(fresh.id), "--db", db]) == 0
+    out = capsys.readouterr().out
+    assert "served as  - (not yet" in out and "rescans every 10 s" in out
+    with pytest.raises(SystemExit) as e:
+        main(["queue", "show", "nobody", "--db", db])
+    assert e.value.code == 2 and "no request named 'nobody'" in capsys.readouterr().err

@@ -72,6 +72,10 @@ def test_every_contradiction_is_listed_with_its_fix(pkl, tiny_data, tmp_path):
                  "minibatch-std group: the source's is 4, and --batch 6 over --workers 1 is 6 per worker (try --batch 8)"):
         assert part in message, part
     assert "\n" not in message
+    rounds = settings(tiny_data, tmp_path / "r", init_from=pkl[0], preset="paper256", batch=12, batch_gpu=6)
+    with pytest.raises(SettingsError, match=r"minibatch-std group: the source's is 4, and --batch-gpu 6 rounds cannot "
+                                            r"be split into groups of 4 \(make --batch-gpu a multiple of 4\)"):
+        resolve_run(rounds, 16, 3, 0)  # D groups within a round: the rounds, not the worker's 12, must divide
     with pytest.raises(SettingsError, match=r"prepared at 16 px: styleray prepare ... --resolution 16\)"):
         resolve_run(settings(tiny_data, tmp_path / "r", init_from=pkl[0]), 32, 3, 2)
 

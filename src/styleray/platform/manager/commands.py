@@ -42,9 +42,10 @@ def queue_list(db: str | None, *, active_only: bool = False, as_json: bool = Fal
         return report.list_table(queue, all_=not active_only)
 
 
-def queue_show(db: str | None, request_id: int) -> str:
+def queue_show(db: str | None, ref: str | int) -> str:
+    """`queue show ID|NAME` (a name: its newest request)."""
     with Queue(db) as queue:
-        return report.show(queue, request_id)
+        return report.show(queue, queue.find(ref).id)
 
 
 def queue_cancel(db: str | None, request_id: int, *, address: str | None = None) -> str:

@@ -330,6 +330,15 @@ class Queue:
             raise QueueError(f"no request {request_id} in {self.path} (see `styleray queue list`)")
         return Request.from_row(row)
 
+    def find(self, ref: str | int) -> Request:
+        """A request by its id, or by its name (the newest request of that name)."""
+        if isinstance(ref, int) or str(ref).isdigit():
+            return self.get(int(ref))
+        row = self._db.execute("SELECT * FROM requests WHERE name = ? ORDER BY id DESC LIMIT 1", (str(ref),)).fetchone()
+        if row is None:
+            raise QueueError(f"no request named {ref!r} in {self.path} (see `styleray queue list`)")
+        return Request.from_row(row)
+
     def list(self, states: tuple[State, ...] | None = None) -> list[Request]:
         """Requests in display order: by state group, then priority (high first), then age."""
         sql = "SELECT * FROM requests"

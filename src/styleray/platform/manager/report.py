@@ -99,6 +99,22 @@ def _command(r: Request) -> str:
         return f"(none: {e}) settings {json.dumps(r.settings, sort_keys=True)}"
 
 
+def _served_line(r: Request) -> str | None:
+    """Under which model name a serve app watching the run's out prefix serves it (platform/served.py)."""
+    from styleray.platform.served import served_as
+
+    served = served_as(r.out)
+    if served is None:
+        return None  # no `styleray serve --runs` watches a folder above the run
+    if served.name is not None:
+        return (f"  served as  model {served.name!r} ({served.checkpoint or 'no checkpoint yet'}) by the serve app "
+                f"watching {served.root}: GET /v1/sample?model={served.name}")
+    if r.state is State.SUCCEEDED or r.checkpoint:
+        return (f"  served as  - (not yet: the serve app watching {served.root} rescans every "
+                f"{served.scan_interval_s:g} s; a run is served once it has a committed checkpoint)")
+    return None
+
+
 def show(queue: Queue, request_id: int, now: float | None = None) -> str:
     now = now if now is not None else time.time()
     r = queue.get(request_id)
@@ -116,6 +132,9 @@ def show(queue: Queue, request_id: int, now: float | None = None) -> str:
     ]
     if r.last_error:
         lines.append(f"  last error {r.last_error}")
+    served = _served_line(r)
+    if served:
+        lines.append(served)
     attempts = queue.attempts(r.id)
     lines.append("")
     lines.append(f"attempts ({len(attempts)}):" if attempts else "attempts: none yet")

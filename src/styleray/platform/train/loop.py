@@ -442,7 +442,12 @@ def _train_ticks(tr: TrainingRun, target_nimg: int, bar) -> tuple[dict[str, Any]
 
 
 def _progress_bar(target_kimg: float, kimg: float):
-    from tqdm import tqdm
+    """A kimg progress bar; none where tqdm is not installed (a bare GPU machine: the tick log lines remain)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        log.info("no progress bar: tqdm is not installed")
+        return None
 
     return tqdm(total=round(target_kimg, 3), initial=round(kimg, 3), unit="kimg", dynamic_ncols=True)
 
