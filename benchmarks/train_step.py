@@ -3,6 +3,8 @@
     python benchmarks/train_step.py                          # res 32 and 64, batch 32, preset auto, 2 threads
     python benchmarks/train_step.py --res 32 --reference     # and the plain reference paths, back-to-back
     python benchmarks/train_step.py --res 64 --method loop --iters 16 --repeats 3
+    python benchmarks/train_step.py --res 32 64 --compile --reference-checkout /work/scratch/sg2ada
+    python benchmarks/train_step.py --device cuda --res 256 --batch 32 --compile   # img/s, s/kimg, peak GiB
 
 One iteration is `StyleGAN2Trainer.step(real)`: G main, G path-length reg every 4, D main, D R1 every 16, ADA
 at a fixed p = 0.2, G_ema update. Data loading is excluded (one random batch is reused). Figures are amortized
@@ -20,6 +22,12 @@ new / reference is measured under the same machine load: on a shared machine pre
 absolute figures. The load average is printed next to every figure, and so is a second, load-robust figure:
 "CPU-time bound" = batch x threads / (process CPU seconds per iteration), what the step does when its threads
 have the cores to themselves (other processes stretch wall time, not much our CPU time).
+
+``--reference-checkout PATH`` (a checkout of NVlabs/stylegan2-ada-pytorch outside the project) also times NVIDIA's
+own implementation, replayed as its training loop runs (reference_replay.py), interleaved with styleray's step
+under the same load, and prints the ratio styleray / NVIDIA: the side-by-side figure of shared/BENCHMARKS.md.
+On CUDA every row also gives s/kimg and the peak memory of the variant's steps (``torch.cuda.max_memory_allocated``,
+JSON key ``<variant>_peak_gib``).
 """
 
 from __future__ import annotations
@@ -34,9 +42,8 @@ import statistics
 import sys
 import time
 
-# Figures of the reference implementation on this machine, from ../shared/BENCHMARKS.md (img/s).
-REFERENCE_IMG_S = {(32, 32): 0.7, (64, 32): 0.33}
-TARGET_RATIO = 1.5
+TARGET_RATIO = 3.0  # styleray / NVIDIA's implementation, side by side on one CPU (shared/BENCHMARKS.md)
+NVIDIA = "nvidia"  # the variant name of the replayed reference implementation
 KINDS = ((0, 1), (4, 3), (1, 12))  # (batch_idx, how many of this kind in a 16-iteration window)
 PHASES = ("Gmain", "Greg", "Dmain", "Dreg", "EMA")  # the trainer's phases (forward + backward of every round), EMA
 
@@ -76,6 +83,14 @@ def variant_options(args, name: str) -> dict:
 def build_trainer(args, res: int, opts: dict):
     import torch
 
+    real = torch.rand([args.batch // args.workers, 3, res, res], generator=torch.Generator().manual_seed(0)) * 2 - 1
+    real = real.to(args.device)  # data loading and the host-to-device copy are not timed
+    if opts.get(NVIDIA):
+        from reference_replay import ReferenceReplay
+
+        replay = ReferenceReplay(args.reference_checkout, res, args.batch // args.workers, args.augment_p,
+                                 args.device, fp16_res=args.reference_fp16_res)
+        return replay, real
     from styleray.config import resolve_preset
     from styleray.models.training import StyleGAN2Trainer
 
@@ -89,8 +104,6 @@ def build_trainer(args, res: int, opts: dict):
         model_cfg, train_cfg, args.device, channels_last=opts["channels_last"], compile=opts["compile"]
     )
     trainer.G.set_fused_modconv(opts["fused"])
-    n = train_cfg.batch_per_worker
-    real = torch.rand([n, model_cfg.img_channels, res, res], generator=torch.Generator().manual_seed(0)) * 2 - 1
     return trainer, real
 
 
@@ -136,6 +149,10 @@ def measure(args, res: int) -> dict:
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     variants = [(name, variant_options(args, name)) for name in ["new", *args.compare]]
+    if args.reference_checkout:
+        variants.append((NVIDIA, {"reference": False, NVIDIA: True}))
+    cuda = args.device.startswith("cuda")
+    peaks: dict[str, float] = {name: 0.0 for name, _ in variants}
     trainers = {name: build_trainer(args, res, opts) for name, opts in variants}
     batch = args.batch
     clocks = {name: PhaseClock(tr, sync) for name, (tr, _) in trainers.items()}
@@ -155,6 +172,8 @@ def measure(args, res: int) -> dict:
     for rep in range(args.repeats):
         for name, opts in variants:  # interleaved: every variant sees the same load
             tr, real, ref = *trainers[name], opts["reference"]
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(args.device)
             if args.method == "kinds":
                 per_kind = {b: run_step(tr, real, b, ref, sync) for b, _ in KINDS}
                 seconds = sum(per_kind[b][0] * count for b, count in KINDS) / 16
@@ -163,6 +182,8 @@ def measure(args, res: int) -> dict:
                 times = [run_step(tr, real, i, ref, sync) for i in range(args.iters)]
                 seconds = sum(t for t, _ in times) / args.iters
                 cpu = sum(c for _, c in times) / args.iters
+            if cuda:
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(args.device) / 2**30)
             figures[name].append(batch / seconds)
             cpu_figures[name].append(batch * args.threads / cpu)
             print(f"  res {res} repeat {rep + 1}/{args.repeats} {name:9s} {batch / seconds:6.3f} img/s "
@@ -174,6 +195,9 @@ def measure(args, res: int) -> dict:
         result[name] = statistics.median(figures[name])
         result[name + "_cpu"] = statistics.median(cpu_figures[name])
         result[name + "_all"] = figures[name]
+        result[name + "_s_per_kimg"] = 1000 / result[name]
+        if cuda:
+            result[name + "_peak_gib"] = peaks[name]
         weights = {"Gmain": 1, "Greg": 1 / 4, "Dmain": 1, "Dreg": 1 / 16, "EMA": 1}
         if args.method == "kinds":  # each repeat ran every kind once: 3 Gmain, 2 Greg, 3 Dmain, 1 Dreg
             counts = {"Gmain": 3, "Greg": 2, "Dmain": 3, "Dreg": 1, "EMA": 3}
@@ -184,6 +208,31 @@ def measure(args, res: int) -> dict:
                 k: clock[k] / (args.repeats * counts[k]) * weights[k] for k in PHASES if counts[k]
             }
     return result
+
+
+def print_table(results: list[dict]) -> None:
+    print()
+    print("| res | batch | variant | img/s | s/kimg | CPU-time bound img/s | vs new (wall) | vs new (CPU time) |"
+          " peak GiB | load (start .. end) |")
+    print("|---" * 10 + "|")
+    for r in results:
+        for name in r["variants"]:
+            peak = f"{r[name + '_peak_gib']:.2f}" if name + "_peak_gib" in r else ""
+            print(f"| {r['res']} | {r['batch']} | {name} | {r[name]:.3f} | {r[name + '_s_per_kimg']:.1f} |"
+                  f" {r[name + '_cpu']:.3f} | {r[name] / r['new']:.2f}x | {r[name + '_cpu'] / r['new_cpu']:.2f}x |"
+                  f" {peak} | {r['loads'][0]} .. {r['loads'][-1]} |")
+    print()
+    for r in results:
+        for name in r["variants"]:
+            wall = ", ".join(f"{k} {v:.2f}" for k, v in r[name + "_phases"].items())
+            cpu = ", ".join(f"{k} {v:.2f}" for k, v in r[name + "_phases_cpu"].items())
+            print(f"res {r['res']} {name}: seconds per iteration by phase, amortized: wall: {wall}; CPU: {cpu}")
+    for r in results:
+        if NVIDIA in r["variants"]:
+            wall, cpu = r["new"] / r[NVIDIA], r["new_cpu"] / r[NVIDIA + "_cpu"]
+            r["ratio_vs_nvidia"] = {"wall": wall, "cpu": cpu}
+            print(f"res {r['res']} batch {r['batch']}: styleray / NVIDIA's implementation, side by side: {wall:.2f}x "
+                  f"(wall), {cpu:.2f}x (CPU-time bound); target >= {TARGET_RATIO:.1f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="channels-last activations (default: the trainer's choice for the device)")
     p.add_argument("--compile", action="store_true", help="torch.compile the main phases' networks")
     p.add_argument("--fused-modconv", action="store_true", help="grouped-conv modulation in G (default off)")
+    p.add_argument("--reference-checkout", metavar="PATH",
+                   help="a checkout of NVlabs/stylegan2-ada-pytorch (outside the project): also time NVIDIA's own "
+                   "training iteration, interleaved, and print the ratio styleray / NVIDIA")
+    p.add_argument("--reference-fp16-res", type=int, default=0, metavar="N",
+                   help="the reference's num_fp16_res (default 0 = its --fp32, as styleray trains on a CPU; "
+                   "4 = its CUDA default)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     if args.reference and "reference" not in args.compare:
@@ -218,31 +273,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    if args.reference_checkout:
+        from reference_replay import import_checkout
+
+        import_checkout(args.reference_checkout)  # a bad PATH fails now, not after the first variant's warm-up
     print(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, threads {args.threads}, "
           f"device {args.device}, method {args.method}, repeats {args.repeats}, load {loadavg()}", flush=True)
     results = [measure(args, res) for res in args.res]
 
-    print()
-    print("| res | batch | variant | img/s | CPU-time bound img/s | vs new (wall) | vs new (CPU time) |"
-          " reference impl img/s (BENCHMARKS.md) | target | load (start .. end) |")
-    print("|---" * 10 + "|")
-    for r in results:
-        ref_impl = REFERENCE_IMG_S.get((r["res"], r["batch"]))
-        for name in r["variants"]:
-            row = f"| {r['res']} | {r['batch']} | {name} | {r[name]:.3f} | {r[name + '_cpu']:.3f} |"
-            row += f" {r[name] / r['new']:.2f}x | {r[name + '_cpu'] / r['new_cpu']:.2f}x |"
-            if name == "new" and ref_impl:
-                row += f" {ref_impl} | >= {ref_impl * TARGET_RATIO:.2f} |"
-            else:
-                row += " | |"
-            row += f" {r['loads'][0]} .. {r['loads'][-1]} |"
-            print(row)
-    print()
-    for r in results:
-        for name in r["variants"]:
-            wall = ", ".join(f"{k} {v:.2f}" for k, v in r[name + "_phases"].items())
-            cpu = ", ".join(f"{k} {v:.2f}" for k, v in r[name + "_phases_cpu"].items())
-            print(f"res {r['res']} {name}: seconds per iteration by phase, amortized: wall: {wall}; CPU: {cpu}")
+    print_table(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"argv": sys.argv, "results": results}, f, indent=2)

@@ -1,5 +1,6 @@
 """The training step: exact resume, lazy regularisation, EMA, ADA wiring, process-group consistency."""
 
+import dataclasses
 import functools
 import io
 import os
@@ -290,3 +291,14 @@ def test_two_gloo_ranks_stay_identical(tmp_path):
     assert torch.equal(r0["pl_mean"], r1["pl_mean"]) and r0["pl_mean"].shape == (2,)
     assert r0["pl_mean"][0] == r0["own_pl_mean"] and r0["pl_mean"][1] == r1["own_pl_mean"]
     assert r0["own_pl_mean"] != r1["own_pl_mean"]
+
+
+def test_cuda_defaults_are_chosen_without_a_gpu():
+    """Channels-last by default on CPU and on CUDA in reduced precision, NCHW for fp32 CUDA (no GPU needed: a
+    pure function of the device and the config)."""
+    from styleray.models.training import default_channels_last
+
+    model, _ = tiny_cfgs()
+    assert default_channels_last(torch.device("cpu"), model)
+    assert default_channels_last(torch.device("cuda"), model)  # mixed_precision defaults to bf16
+    assert not default_channels_last(torch.device("cuda"), dataclasses.replace(model, mixed_precision="off"))

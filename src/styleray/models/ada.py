@@ -7,6 +7,7 @@ counts those of D main and of the R1 phase); p moves towards the value that keep
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +42,7 @@ class AdaController:
         self.target = float(target)
         self.ada_kimg = float(ada_kimg)
         self.interval = int(interval)
-        self.last_r_t: float | None = None  # r_t of the latest adjustment
+        self.last_r_t: torch.Tensor | float | None = None  # r_t of the latest adjustment (a tensor after `adjust`)
         self._signs_sum = torch.zeros([], dtype=torch.float64)  # sum of sign(D(real)) since the last adjustment
         self._signs_count = torch.zeros([], dtype=torch.float64)  # number of logits summed
 
@@ -78,29 +79,41 @@ class AdaController:
         pipe: AugmentPipe,
         all_reduce: Callable[[torch.Tensor], Any] | None = None,  # in-place sum across workers; None: one worker
     ) -> float | None:
-        """Adjusts `pipe.p` when due and resets the statistics. Returns r_t, or None when p was not adjusted
-        (not due, or no logits accumulated)."""
+        """`adjust`, read on the host: r_t as a float, or None when p was not adjusted (not due, or no logits
+        accumulated)."""
+        before = self.last_r_t
+        r_t = self.adjust(batch_idx, pipe, all_reduce)
+        if r_t is None:
+            return None
+        value = float(r_t)
+        self.last_r_t = before if math.isnan(value) else value
+        return None if math.isnan(value) else value
+
+    def adjust(
+        self, batch_idx: int, pipe: AugmentPipe, all_reduce: Callable[[torch.Tensor], Any] | None = None
+    ) -> torch.Tensor | None:
+        """Adjusts `pipe.p` when due and resets the statistics, on the device (no host sync). Returns r_t as a
+        0-dim float64 tensor (NaN when no logits were accumulated; p then stays), or None when not due."""
         if not self.is_due(batch_idx):
             return None
+        stats = self.stats_tensor()
         if all_reduce is not None:
-            stats = self.stats_tensor()
             all_reduce(stats)
-            self.load_stats(stats)
-        total, count = self.stats_tensor().tolist()  # one host sync per interval
-        self.load_stats(torch.zeros(2, dtype=torch.float64))
-        if count == 0:
-            return None
-        r_t = total / count
-        direction = (r_t > self.target) - (r_t < self.target)  # sign(r_t - target)
+        total, count = stats.unbind()
+        self.load_stats(torch.zeros(2, dtype=torch.float64, device=stats.device))
+        r_t = total / count  # NaN for 0 / 0
+        direction = torch.sign(r_t - self.target).nan_to_num(0.0).to(pipe.p.dtype)  # sign(r_t - target)
         with torch.no_grad():
-            pipe.p.copy_((pipe.p + direction * self.adjustment).clamp_min(0))
-        self.last_r_t = r_t
+            pipe.p.copy_((pipe.p + direction.to(pipe.p.device) * self.adjustment).clamp_min(0))
+        previous = torch.full_like(r_t, math.nan) if self.last_r_t is None else torch.as_tensor(self.last_r_t)
+        self.last_r_t = torch.where(count > 0, r_t, previous.to(r_t))
         return r_t
 
     def state_dict(self) -> dict[str, float | None]:
         """Plain floats (loadable with weights_only=True). p itself is in `AugmentPipe.state_dict()`."""
         total, count = self.stats_tensor().tolist()
-        return {"signs_sum": total, "signs_count": count, "last_r_t": self.last_r_t}
+        last = None if self.last_r_t is None else float(self.last_r_t)
+        return {"signs_sum": total, "signs_count": count, "last_r_t": None if last is None or math.isnan(last) else last}
 
     def load_state_dict(self, state: dict[str, float | None]) -> None:
         missing = {"signs_sum", "signs_count", "last_r_t"} - set(state)

@@ -85,13 +85,17 @@ class _ConvSpec(NamedTuple):
 
 
 class _Conv2d(torch.autograd.Function):
+    # forward and setup_context apart: the form torch.func transforms (and the compiler through them) accept.
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, spec: _ConvSpec) -> torch.Tensor:
-        y = spec.run(x, w)
+    def forward(x: torch.Tensor, w: torch.Tensor, spec: _ConvSpec) -> torch.Tensor:
+        return spec.run(x, w)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, w, spec = inputs
         ctx.spec = spec
-        ctx.shapes = (x.shape, y.shape, w.shape)
+        ctx.shapes = (x.shape, output.shape, w.shape)
         ctx.save_for_backward(x, w)
-        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -109,15 +113,19 @@ class _Conv2dWeightGrad(torch.autograd.Function):
     """dL/dw of ``spec.run(x, w)`` given dL/dy: bilinear in (dy, x), so its own gradients are convolutions."""
 
     @staticmethod
-    def forward(ctx, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, spec: _ConvSpec) -> torch.Tensor:
+    def forward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, spec: _ConvSpec) -> torch.Tensor:
         _, dw, _ = torch.ops.aten.convolution_backward(
             dy, x, w, None, spec.stride, spec.padding, (1, 1), spec.transpose, spec.output_padding, spec.groups,
             (False, True, False),
         )
+        return dw
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        dy, x, w, spec = inputs
         ctx.spec = spec
         ctx.shapes = (x.shape, dy.shape, w.shape)
         ctx.save_for_backward(dy, x)
-        return dw
 
     @staticmethod
     def backward(ctx, ddw: torch.Tensor):

@@ -26,6 +26,11 @@ def d_real_loss(real_logits: torch.Tensor) -> torch.Tensor:
 def r1_penalty(real_img: torch.Tensor, real_logits: torch.Tensor) -> torch.Tensor:
     """R1: squared norm of dD(x)/dx per sample, with a graph so its gradient reaches D ([N])."""
     (grads,) = torch.autograd.grad(real_logits.sum(), real_img, create_graph=True)
+    return r1_from_input_grad(grads)
+
+
+def r1_from_input_grad(grads: torch.Tensor) -> torch.Tensor:
+    """R1 from dD(x)/dx [N, C, H, W] (with a graph): its squared norm per sample ([N])."""
     return grads.square().sum(dim=[1, 2, 3])
 
 

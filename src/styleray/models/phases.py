@@ -35,6 +35,9 @@ class Trainer(Protocol):
     def run_D(self, img: torch.Tensor, c: torch.Tensor | None, main: bool = False) -> torch.Tensor:
         ...
 
+    def run_D_input_grad(self, img: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
+
     def count_real_logits(self, logits: torch.Tensor) -> None:
         ...
 
@@ -124,8 +127,8 @@ class DiscriminatorR1(Phase):
 
     def accumulate(self, trainer, rnd, gain):
         real = rnd.real_img.detach().requires_grad_(True)
-        logits = trainer.run_D(real, rnd.real_c)
-        penalty = L.r1_penalty(real, logits)
+        logits, grads = trainer.run_D_input_grad(real, rnd.real_c)
+        penalty = L.r1_from_input_grad(grads)
         loss = logits * 0 + (penalty * (trainer.cfg.r1_gamma / 2))[:, None]
         (loss.mean() * gain).backward()
         trainer.count_real_logits(logits)  # the reference's r_t counts these reals too

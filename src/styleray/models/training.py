@@ -29,6 +29,7 @@ import torch.distributed as dist
 from styleray.config import ModelConfig, TrainConfig
 from styleray.models.ada import AdaController
 from styleray.models.augment import AugmentPipe
+from styleray.models.input_grad import CompiledInputGrad
 from styleray.models.networks import Discriminator, Generator, requires_grad
 from styleray.models.phases import DiscriminatorMain, DiscriminatorR1, GeneratorMain, GeneratorPathLength, Phase, Round
 from styleray.models.step_scope import RandomStreams, seeded_cpu, tf32_allowed
@@ -50,6 +51,14 @@ def lazy_adam_hparams(lr: float, betas: tuple[float, float], reg_interval: int |
     return lr * ratio, tuple(b**ratio for b in betas)
 
 
+def default_channels_last(device: torch.device, model_cfg: ModelConfig) -> bool:
+    """NHWC activations: on CPU (oneDNN; measured faster, benchmarks/RESULTS.md) and on CUDA in reduced precision
+    (tensor-core convolutions want NHWC); NCHW for fp32 on CUDA."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and model_cfg.mixed_precision != "off"
+
+
 def _dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -64,7 +73,8 @@ class StyleGAN2Trainer:
         device: str | torch.device = "cpu",
         *,
         channels_last: bool | None = None,  # NHWC activations and conv weights; None = the device's default.
-        compile: bool = False,  # torch.compile the networks for the phases without double backward.
+        compile: bool = False,  # torch.compile G's synthesis and D for the main phases, and D with its input
+        # gradient for R1 (input_grad.py); path length stays eager.
         label_pool: torch.Tensor | None = None,  # [M, c_dim] the dataset's labels, fake labels are drawn from
         # them (the reference); None = from this worker's real batch. Conditional models only.
     ):
@@ -74,7 +84,7 @@ class StyleGAN2Trainer:
         self.model_cfg = dataclasses.replace(model_cfg, mixed_precision=self.precision.mixed_precision)
         self.cfg = train_cfg
         if channels_last is None:
-            channels_last = self.device.type == "cpu"  # measured faster on CPU (benchmarks/RESULTS.md)
+            channels_last = default_channels_last(self.device, model_cfg)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.rank = dist.get_rank() if _dist_ready() else 0
         self.world_size = dist.get_world_size() if _dist_ready() else 1
@@ -93,7 +103,7 @@ class StyleGAN2Trainer:
         self.pl_mean = torch.zeros([], device=self.device)  # this rank's running mean of path lengths
         self.cur_nimg = 0  # images seen, over all ranks
         self.batch_idx = 0  # iterations done
-        self.last_r_t: float | None = None
+        self.last_r_t: torch.Tensor | float | None = None  # r_t of the latest ADA adjustment (on the device)
 
     # ------------------------------------------------------------------ construction
 
@@ -124,13 +134,15 @@ class StyleGAN2Trainer:
             self.D = Discriminator(self.model_cfg).to(self.device, memory_format=self.memory_format).train()
         freeze_discriminator_layers(self.D, self.cfg.freeze_d)  # FreezeD (--freeze-d): before the optimizer
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-        # The networks as the main phases call them: compiled if asked. The regularisation phases take double
-        # backward, which compiled graphs do not support, so they always call the eager modules.
+        # The networks as the phases call them: compiled if asked. R1 differentiates D twice, which a compiled
+        # graph does not support: it gets D and its input gradient traced into one graph (input_grad.py).
         self._synthesis_main: Any = self.G.synthesis
         self._D_main: Any = self.D
+        self._D_input_grad: CompiledInputGrad | None = None
         if compile:
             self._synthesis_main = torch.compile(self.G.synthesis, options=_COMPILE_OPTIONS)
             self._D_main = torch.compile(self.D, options=_COMPILE_OPTIONS)
+            self._D_input_grad = CompiledInputGrad(self.D, _COMPILE_OPTIONS)
 
     def _build_augment(self) -> tuple[AugmentPipe | None, AdaController | None]:
         cfg = self.cfg
@@ -158,8 +170,9 @@ class StyleGAN2Trainer:
             phases.append(DiscriminatorR1(cfg.r1_interval))
         lr_g, betas_g = lazy_adam_hparams(cfg.lr_g, cfg.betas, cfg.pl_interval)
         lr_d, betas_d = lazy_adam_hparams(cfg.lr_d, cfg.betas, cfg.r1_interval)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=betas_g, eps=cfg.eps)
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas_d, eps=cfg.eps)
+        fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel per step on CUDA
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=betas_g, eps=cfg.eps, **fused)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas_d, eps=cfg.eps, **fused)
         return phases
 
     # ------------------------------------------------------------------ helpers
@@ -175,6 +188,11 @@ class StyleGAN2Trainer:
     @property
     def augment_p(self) -> float:
         return float(self.augment_pipe.p) if self.augment_pipe is not None else 0.0
+
+    def _augment_p_tensor(self) -> torch.Tensor:
+        if self.augment_pipe is None:
+            return torch.zeros([], device=self.device)
+        return self.augment_pipe.p.detach().clone()
 
     def _latents(self, n: int) -> torch.Tensor:
         return torch.randn([n, self.model_cfg.z_dim], device=self.device)
@@ -200,10 +218,26 @@ class StyleGAN2Trainer:
             ws = torch.where(mix, ws2, ws)
         return (self._synthesis_main if main else self.G.synthesis)(ws), ws
 
-    def run_D(self, img: torch.Tensor, c: torch.Tensor | None, main: bool = False) -> torch.Tensor:
+    def _augment(self, img: torch.Tensor) -> torch.Tensor:
         if self.augment_pipe is not None and float(self.augment_pipe.p) > 0:
-            img = self.augment_pipe(img)
-        return (self._D_main if main else self.D)(img, c)
+            return self.augment_pipe(img)
+        return img
+
+    def run_D(self, img: torch.Tensor, c: torch.Tensor | None, main: bool = False) -> torch.Tensor:
+        return (self._D_main if main else self.D)(self._augment(img), c)
+
+    def run_D_input_grad(self, img: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """D's logits on augment(img) and d(logits.sum())/d img (img requires grad), both differentiable w.r.t.
+        D's weights (R1). Compiled: D and its input gradient are one graph, the augment pipe's part is eager."""
+        augmented = self._augment(img)
+        if self._D_input_grad is None:
+            logits = self.D(augmented, c)
+            (grads,) = torch.autograd.grad(logits.sum(), img, create_graph=True)
+            return logits, grads
+        logits, grads = self._D_input_grad(augmented, c)
+        if augmented is not img:  # chain the augment pipe's input gradient on, eagerly
+            (grads,) = torch.autograd.grad(augmented, img, grads, create_graph=True)
+        return logits, grads
 
     def count_real_logits(self, logits: torch.Tensor) -> None:
         """D's logits on real images go into ADA's r_t (no host sync)."""
@@ -255,9 +289,9 @@ class StyleGAN2Trainer:
         reals, real_cs = split(real_img), split(real_c)
         return [[Round(*parts) for parts in zip(reals, real_cs, split(z), split(c))] for z, c in zip(gen_z, gen_c)]
 
-    def _run_phase(self, phase: Phase, rounds: list[Round]) -> dict[str, float]:
+    def _run_phase(self, phase: Phase, rounds: list[Round]) -> dict[str, torch.Tensor]:
         """Accumulate the phase's gradients over its rounds, average them over the ranks, step its optimizer;
-        returns the statistics averaged over the rounds."""
+        returns the statistics averaged over the rounds (0-dim tensors on the device: no host sync)."""
         module, opt = (self.G, self.opt_G) if phase.trains_generator else (self.D, self.opt_D)
         opt.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
@@ -267,13 +301,15 @@ class StyleGAN2Trainer:
                     sums[key] = sums[key] + value if key in sums else value
         self._sync_grads(module)
         opt.step()
-        means = (torch.stack(list(sums.values())) / len(rounds)).tolist()  # one host sync per phase
-        return dict(zip(sums, means))
+        return {key: value / len(rounds) for key, value in sums.items()}
 
-    def step(self, real_img: torch.Tensor, real_c: torch.Tensor | None = None) -> dict[str, float]:
-        """One iteration on this rank's batch: real_img [B, C, H, W] in [-1, 1], real_c [B, c_dim] or None."""
+    def step(self, real_img: torch.Tensor, real_c: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One iteration on this rank's batch: real_img [B, C, H, W] in [-1, 1], real_c [B, c_dim] or None.
+
+        Returns the step's statistics as 0-dim tensors on the device (losses, penalties, scores, augment_p, r_t):
+        nothing here waits for the device; the training loop reads them once per tick (float() works on each)."""
         real_img, real_c = self._check_reals(real_img, real_c)
-        stats: dict[str, float] = {}
+        stats: dict[str, torch.Tensor] = {}
         with self.streams.scope(), tf32_allowed(self.cfg.allow_tf32):
             for phase, rounds in zip(self.phases, self._rounds(real_img, real_c)):
                 if phase.is_due(self.batch_idx):
@@ -283,10 +319,9 @@ class StyleGAN2Trainer:
         self.batch_idx += 1
         if self.ada is not None:
             reduce = dist.all_reduce if self.world_size > 1 else None
-            r_t = self.ada.step(self.batch_idx, self.augment_pipe, all_reduce=reduce)
-            if r_t is not None:
-                self.last_r_t = r_t
-        stats["augment_p"] = self.augment_p
+            if self.ada.adjust(self.batch_idx, self.augment_pipe, all_reduce=reduce) is not None:
+                self.last_r_t = self.ada.last_r_t  # the trainer's Dmain counts reals every step: never NaN
+        stats["augment_p"] = self._augment_p_tensor()
         if self.last_r_t is not None:
             stats["r_t"] = self.last_r_t
         return stats
@@ -324,10 +359,13 @@ class StyleGAN2Trainer:
             "augment_pipe": self.augment_pipe.state_dict() if self.augment_pipe is not None else None,
             "ada": self.ada.state_dict() if self.ada is not None else None,
             "pl_mean": torch.tensor([r["pl_mean"] for r in ranks], dtype=torch.float32),  # [ranks]
-            "counters": {"cur_nimg": self.cur_nimg, "batch_idx": self.batch_idx, "last_r_t": self.last_r_t},
+            "counters": {"cur_nimg": self.cur_nimg, "batch_idx": self.batch_idx, "last_r_t": self._last_r_t_float()},
             "rng": [r["rng"] for r in ranks],
             "model_cfg": dataclasses.asdict(self.model_cfg),
         }
+
+    def _last_r_t_float(self) -> float | None:
+        return None if self.last_r_t is None else float(self.last_r_t)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.G.load_state_dict(state["G"])

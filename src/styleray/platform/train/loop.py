@@ -75,20 +75,25 @@ def sample_grid_png(trainer: StyleGAN2Trainer, class_names: int = 0) -> bytes:
 
 @dataclass
 class TickStats:
-    """Running means of the step statistics over one tick."""
+    """Running means of the step statistics over one tick. The step's values may be tensors on the device:
+    they are summed there and read on the host once, by ``means()`` at the end of the tick."""
 
-    sums: dict[str, float] = field(default_factory=dict)
+    sums: dict[str, Any] = field(default_factory=dict)  # float or 0-dim tensor
     counts: dict[str, int] = field(default_factory=dict)
 
-    def add(self, stats: dict[str, float]) -> None:
+    def add(self, stats: dict[str, Any]) -> None:
         for k, v in stats.items():
             if v is None:
                 continue
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            if isinstance(v, torch.Tensor):
+                v = v.detach().to(torch.float64)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
             self.counts[k] = self.counts.get(k, 0) + 1
 
     def means(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+        keys = [k for k, v in self.sums.items() if isinstance(v, torch.Tensor)]
+        values = dict(zip(keys, torch.stack([self.sums[k] for k in keys]).tolist())) if keys else {}  # one sync
+        return {k: float(values.get(k, self.sums[k])) / self.counts[k] for k in self.sums}
 
 
 def peak_memory_mb(device: torch.device) -> float:
