@@ -84,7 +84,7 @@ class StyleGAN2Trainer:
         self.model_cfg = dataclasses.replace(model_cfg, mixed_precision=self.precision.mixed_precision)
         self.cfg = train_cfg
         if channels_last is None:
-            channels_last = default_channels_last(self.device, model_cfg)
+            channels_last = default_channels_last(self.device, self.model_cfg)  # what runs, not the wish
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.rank = dist.get_rank() if _dist_ready() else 0
         self.world_size = dist.get_world_size() if _dist_ready() else 1
