@@ -177,8 +177,9 @@ def test_the_reference_options_default_to_the_reference_and_reject_what_cannot_w
 
 
 def test_precision_reaches_the_run_from_every_route_and_cpu_workers_refuse_reduced_precision(tmp_path, tiny_data):
-    s = _train(["--data", str(tiny_data), "--out", str(tmp_path / "run"), "--gpus", "--precision", "fp16"])
-    assert s.resolve(16, 3, 0).train.precision == "fp16" and from_argv(s.to_argv()) == s
+    s = _train(["--data", str(tiny_data), "--out", str(tmp_path / "run"), "--gpus", "--precision", "fp16", "--compile"])
+    train = s.resolve(16, 3, 0).train
+    assert (train.precision, train.compile) == ("fp16", True) and from_argv(s.to_argv()) == s
     assert check_request("r", s.changed()).config["train"]["precision"] == "fp16"
     assert TrainSettings(data="d", out="o").resolve(16, 3, 0).train.precision == "auto"
     assert TrainSettings(data="d", out="o", no_ray=True, precision="bf16").precision == "bf16"  # device decided later

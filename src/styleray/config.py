@@ -125,6 +125,7 @@ class TrainConfig:
     mirror: bool = False  # Add x-flipped copies of the data (done on the fly).
     allow_tf32: bool = False  # Let CUDA matmuls and convolutions use TF32 in the training step (reference: off).
     precision: str = "auto"  # Reduced-precision layers' type: auto, fp32, bf16 or fp16 (models/precision.py).
+    compile: bool = False  # torch.compile G's synthesis and D (main phases) and D with its input gradient (R1).
     keep_checkpoints: int = 3  # Keep this many latest checkpoints (plus the best one).
     unstable_ticks: int = 3  # Roll back after this many consecutive collapsed ticks (NaN/Inf losses: at once).
     collapse_d_loss: float = 0.05  # A tick is collapsed when the D loss is below this while the G loss climbs.

@@ -155,6 +155,8 @@ class TrainSettings:
     precision: str = setting("auto", "type of the reduced-precision layers (the top resolutions, as the reference): "
                              "auto = bf16 on GPUs of compute capability >= 8.0 (A100, A10G, H100), fp16 below "
                              "(V100, T4), fp32 on CPU", choices=PRECISION_CHOICES)
+    compile: bool = setting(False, "torch.compile the networks of the main phases and R1 (faster steps after a "
+                            "warm-up of minutes; path length stays eager)")
     allow_tf32: bool = setting(False, "let CUDA matmuls and convolutions of the training step use TF32 (faster on "
                                "Ampere and later, less exact); off as in the reference")
     cpus_per_worker: float | None = setting(None, "CPUs reserved per worker (default: 1 with --gpus, 0.9 on CPU)",
@@ -292,7 +294,8 @@ class TrainSettings:
                 batch=self.batch, batch_gpu=self.batch_gpu, kimg=self.kimg, tick_kimg=self.tick, snap=self.snap,
                 r1_gamma=self.gamma, lr_g=self.lr_g or self.lr, lr_d=self.lr_d or self.lr, augment=self.aug,
                 augment_pipe=self.augpipe, augment_p=self.augment_p, ada_target=self.target,
-                mirror=self.mirror or None, allow_tf32=self.allow_tf32, precision=self.precision, seed=self.seed, keep_checkpoints=self.keep,
+                mirror=self.mirror or None, allow_tf32=self.allow_tf32, precision=self.precision,
+                compile=self.compile, seed=self.seed, keep_checkpoints=self.keep,
                 max_rollbacks=self.max_rollbacks, freeze_d=self.freeze_d,
             ),
         )

@@ -55,5 +55,8 @@ def test_the_trainer_decides_on_its_device_and_records_what_runs():
     trainer = StyleGAN2Trainer(model, train, "cpu")
     assert trainer.precision.name == "fp32" and trainer.model_cfg.mixed_precision == "off"
     assert trainer.G.cfg.mixed_precision == "off"
+    assert trainer._D_main is trainer.D  # --compile off by default
+    compiled = StyleGAN2Trainer(model, dataclasses.replace(train, compile=True), "cpu")  # compiles at first call
+    assert compiled._D_main is not compiled.D
     with pytest.raises(ValueError, match="--precision fp16 needs a CUDA GPU"):
         StyleGAN2Trainer(model, dataclasses.replace(train, precision="fp16"), "cpu")

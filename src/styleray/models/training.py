@@ -73,8 +73,8 @@ class StyleGAN2Trainer:
         device: str | torch.device = "cpu",
         *,
         channels_last: bool | None = None,  # NHWC activations and conv weights; None = the device's default.
-        compile: bool = False,  # torch.compile G's synthesis and D for the main phases, and D with its input
-        # gradient for R1 (input_grad.py); path length stays eager.
+        compile: bool | None = None,  # torch.compile G's synthesis and D for the main phases, and D with its
+        # input gradient for R1 (input_grad.py); path length stays eager. None = train_cfg.compile (--compile).
         label_pool: torch.Tensor | None = None,  # [M, c_dim] the dataset's labels, fake labels are drawn from
         # them (the reference); None = from this worker's real batch. Conditional models only.
     ):
@@ -95,7 +95,7 @@ class StyleGAN2Trainer:
         self.round_batch = self._round_batch()
         self.label_pool = self._check_label_pool(label_pool)
 
-        self._build_networks(compile)
+        self._build_networks(train_cfg.compile if compile is None else compile)
         self.streams = RandomStreams(self.device, train_cfg.seed * 1000 + self.rank)
         self.augment_pipe, self.ada = self._build_augment()
         self.phases = self._build_phases()
