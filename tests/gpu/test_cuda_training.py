@@ -80,7 +80,7 @@ def test_every_phase_on_cuda_has_finite_gradients_that_match_the_cpu(phase_index
 def test_each_reduced_precision_trains_with_finite_losses(precision):
     model, cfg = _configs(precision=precision)
     trainer = StyleGAN2Trainer(model, cfg, "cuda")
-    assert trainer.precision.name == precision and trainer.model_cfg.mixed_precision == precision
+    assert trainer.precision.name == precision and trainer.G.cfg.mixed_precision == precision
     real = torch.rand(8, 3, 32, 32, device="cuda") * 2 - 1
     for _ in range(17):  # every phase, R1 included, at least once
         stats = trainer.step(real)

@@ -53,8 +53,8 @@ def test_the_trainer_decides_on_its_device_and_records_what_runs():
     model, train = resolve_preset("cpu-tiny", resolution=16, train_overrides={"batch": 4})
     assert model.mixed_precision == "bf16"  # the preset's wish for GPUs
     trainer = StyleGAN2Trainer(model, train, "cpu")
-    assert trainer.precision.name == "fp32" and trainer.model_cfg.mixed_precision == "off"
-    assert trainer.G.cfg.mixed_precision == "off"
+    assert trainer.precision.name == "fp32" and trainer.G.cfg.mixed_precision == trainer.D.cfg.mixed_precision == "off"
+    assert trainer.model_cfg == model and trainer.state_dict()["model_cfg"]["mixed_precision"] == "bf16"  # as asked
     assert trainer._D_main is trainer.D  # --compile off by default
     compiled = StyleGAN2Trainer(model, dataclasses.replace(train, compile=True), "cpu")  # compiles at first call
     assert compiled._D_main is not compiled.D

@@ -79,12 +79,13 @@ class StyleGAN2Trainer:
         # them (the reference); None = from this worker's real batch. Conditional models only.
     ):
         self.device = torch.device(device)
-        # --precision, decided here where the device is known; the model config records what ran.
+        # --precision, decided here where the device is known. The networks run in it (net_cfg); the model config
+        # stays as asked, so checkpoints keep the preset's reduced precision for a GPU that serves them later.
         self.precision = choose_for_device(train_cfg.precision, self.device)
-        self.model_cfg = dataclasses.replace(model_cfg, mixed_precision=self.precision.mixed_precision)
-        self.cfg = train_cfg
+        self.model_cfg, self.cfg = model_cfg, train_cfg
+        self.net_cfg = dataclasses.replace(model_cfg, mixed_precision=self.precision.mixed_precision)
         if channels_last is None:
-            channels_last = default_channels_last(self.device, self.model_cfg)  # what runs, not the wish
+            channels_last = default_channels_last(self.device, self.net_cfg)  # what runs, not the wish
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.rank = dist.get_rank() if _dist_ready() else 0
         self.world_size = dist.get_world_size() if _dist_ready() else 1
@@ -130,8 +131,8 @@ class StyleGAN2Trainer:
     def _build_networks(self, compile: bool) -> None:
         """G, D and G_ema, with the same initial weights on every rank (seeded by --seed alone)."""
         with seeded_cpu(self.cfg.seed):
-            self.G = Generator(self.model_cfg).to(self.device, memory_format=self.memory_format).train()
-            self.D = Discriminator(self.model_cfg).to(self.device, memory_format=self.memory_format).train()
+            self.G = Generator(self.net_cfg).to(self.device, memory_format=self.memory_format).train()
+            self.D = Discriminator(self.net_cfg).to(self.device, memory_format=self.memory_format).train()
         freeze_discriminator_layers(self.D, self.cfg.freeze_d)  # FreezeD (--freeze-d): before the optimizer
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         # The networks as the phases call them: compiled if asked. R1 differentiates D twice, which a compiled

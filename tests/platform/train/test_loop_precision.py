@@ -1,5 +1,5 @@
 """--precision in the training loop: the tick record says which precision ran, and a checkpoint trained in
-another precision (a GPU run's bf16, resumed on a CPU or another card) resumes: precision is how the model runs,
+another precision (a V100 run's fp16, resumed on a CPU or another card) resumes: precision is how the model runs,
 not what it is. Single process, a real trainer and real checkpoints."""
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ def test_the_tick_record_names_the_precision_and_another_precision_resumes(tiny_
     assert [r["precision"] for r in _records(out)] == ["fp32", "fp32"]
     assert "4 images per worker per iteration in rounds of 4; precision fp32 (cpu:" in caplog.text
 
-    # The newest checkpoint as a GPU run would have written it: the model config says bf16.
+    # The newest checkpoint as a run with another reduced precision wrote it: the model config says fp16.
     ck = ckpt_lib.load_latest(str(out))
-    ck.state["model_cfg"]["mixed_precision"] = "bf16"
+    assert ck.state["model_cfg"]["mixed_precision"] == "bf16"  # the preset's, as asked (fp32 ran on the CPU)
+    ck.state["model_cfg"]["mixed_precision"] = "fp16"
     ckpt_lib.save_checkpoint(str(out), ck.state, config=ck.config, meta=ck.meta)  # replaces it
-    assert ckpt_lib.load_latest(str(out)).state["model_cfg"]["mixed_precision"] == "bf16"
+    assert ckpt_lib.load_latest(str(out)).state["model_cfg"]["mixed_precision"] == "fp16"
     more = tiny_run(tiny_data, out, workers=1, batch=4, kimg=0.016, tick=0.004)
     summary = run_training(more, BatchSampler(data, 4, seed=0), resume="latest", hooks=LoopHooks(progress=False))
     assert summary["kimg"] >= 0.016 and _records(out)[-1]["resumed_kimg"] == 0.008
