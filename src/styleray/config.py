@@ -57,7 +57,8 @@ class ModelConfig:
     channel_base: int = 32768  # Channels at a resolution are min(channel_base // res, channel_max).
     channel_max: int = 512  # Upper bound on channels per layer.
     num_fp16_res: int = 4  # Top resolutions run in reduced precision on CUDA (0 = none). fp32 on CPU.
-    mixed_precision: MixedPrecision = "bf16"  # Reduced precision type on CUDA; "off" forces fp32.
+    mixed_precision: MixedPrecision = "bf16"  # Reduced precision type on CUDA ("off": fp32); training runs what
+    # --precision chooses for the card (models/precision.py), serving and sampling run this.
     conv_clamp: float | None = 256.0  # Clamp activations of reduced-precision layers; None = no clamp.
     mbstd_group: int = 4  # Minibatch standard deviation group size (per worker batch must be divisible).
     mbstd_channels: int = 1  # Features computed by the minibatch std layer.
