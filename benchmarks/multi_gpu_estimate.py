@@ -28,11 +28,10 @@ REFERENCE_8XV100_S_PER_KIMG = {512: "9.5-9.7"}  # the reference's published 8x V
 
 def parameter_counts(res: int, preset: str) -> tuple[int, int]:
     from styleray.config import resolve_preset
-    from styleray.models.networks import Discriminator, Generator
+    from styleray.models.networks import Discriminator, Generator, count_parameters
 
     model, _ = resolve_preset(preset, resolution=res, workers=8)
-    return (sum(p.numel() for p in Generator(model).parameters()),
-            sum(p.numel() for p in Discriminator(model).parameters()))
+    return count_parameters(Generator(model)), count_parameters(Discriminator(model))  # what has gradients
 
 
 def estimate(img_s: float, batch: int, gpus: int, g_params: int, d_params: int, busbw_gb_s: float) -> dict:

@@ -17,6 +17,7 @@ from gpu_helpers import GPU
 
 from styleray.config import RunSpec, resolve_preset
 from styleray.models.phases import Round
+from styleray.models.sampling import seeds_to_z
 from styleray.models.training import StyleGAN2Trainer
 from styleray.platform import checkpoint as ckpt_lib
 
@@ -89,9 +90,9 @@ def test_each_reduced_precision_trains_with_finite_losses(precision):
 
 
 def _ema_images(trainer, seeds=(0, 1, 2)) -> torch.Tensor:
-    z = torch.stack([torch.randn(trainer.model_cfg.z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    z = seeds_to_z(seeds, trainer.model_cfg.z_dim, trainer.device)
     with torch.no_grad():
-        return trainer.G_ema(z.to(trainer.device), noise_mode="const").cpu()
+        return trainer.G_ema(z, noise_mode="const").cpu()
 
 
 @pytest.mark.parametrize("source,target", [("cuda", "cpu"), ("cpu", "cuda")])
